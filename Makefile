@@ -19,7 +19,7 @@ demo: setup
 	scripts/in_private_net.sh $(PY) -m end2reg_ros.cli demo
 
 lint: setup
-	$(PY) -m ruff check end2reg_ros test launch scripts/*.py
+	$(PY) -m ruff check end2reg_ros test $(wildcard launch/*.py)
 
 test: setup lint
 	scripts/in_private_net.sh $(PY) -m pytest -ra --timeout=900 $(PYTEST_ARGS)
