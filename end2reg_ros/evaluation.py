@@ -1,0 +1,267 @@
+"""``end2reg evaluate``: run registration methods on recordings and compare them.
+
+For every specimen and frame of a dataset directory (layout of
+:mod:`end2reg_ros.data.dataset`), one coarse initial pose is drawn with
+:meth:`SurgicalSetupPrior.sample_initial` from a generator seeded by (seed, specimen name,
+frame index), so every method starts from the same pose; each method registers the frame;
+the metrics of :mod:`end2reg_ros.metrics` are computed against the recorded ground truth.
+Output: one side-by-side table on stdout, a JSON report, optionally a PNG of the TRE
+distributions. Units: mm, degrees, milliseconds.
+
+A method that raises on a frame is counted as a failure (``failures``) and scored at its
+initial pose (it did not improve it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import subprocess
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from end2reg_ros import metrics
+from end2reg_ros.registration import CLASSICAL_METHODS, make_method
+from end2reg_ros.registration.prior import SurgicalSetupPrior
+
+LOGGER = logging.getLogger(__name__)
+
+#: Rows of the printed table: (report key, label, format).
+TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("tre_median_mm", "TRE median [mm]", "{:.2f}"),
+    ("tre_mean_mm", "TRE mean [mm]", "{:.2f}"),
+    ("tre_p95_mm", "TRE p95 [mm]", "{:.2f}"),
+    ("rmse_mean_mm", "RMSE mean [mm]", "{:.2f}"),
+    ("rre_median_deg", "RRE median [deg]", "{:.2f}"),
+    ("rte_median_mm", "RTE median [mm]", "{:.2f}"),
+    ("success_2mm", "success TRE<2mm", "{:.1%}"),
+    ("success_3mm", "success TRE<3mm", "{:.1%}"),
+    ("success_5mm", "success TRE<5mm", "{:.1%}"),
+    ("wrong_level_rate", "wrong level", "{:.1%}"),
+    ("gross_failure_rate", "gross fail >20mm", "{:.1%}"),
+    ("runtime_p50_ms", "runtime p50 [ms]", "{:.0f}"),
+    ("failures", "method errors", "{:d}"),
+    ("frames", "frames", "{:d}"),
+)
+
+
+def frame_rng(seed: int, specimen_name: str, frame_index: int) -> np.random.Generator:
+    """Generator of the initial pose of one (specimen, frame): same for every method."""
+    key = zlib.crc32(specimen_name.encode("utf-8"))
+    return np.random.default_rng(np.random.SeedSequence([int(seed), key, int(frame_index)]))
+
+
+def _frame_count(bag_dir: Path) -> int:
+    from rosbags.rosbag2 import Reader
+
+    from end2reg_ros.data.bag import COLOR_TOPIC
+
+    with Reader(bag_dir) as reader:
+        info = reader.topics.get(COLOR_TOPIC)
+        return int(info.msgcount) if info is not None else 0
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def evaluate(
+    data_dir: str | Path,
+    methods: Sequence[str],
+    max_frames: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Run ``methods`` (names for :func:`registration.make_method`) on every specimen/frame.
+
+    ``max_frames``: at most this many frames per specimen (the first ones). Returns the
+    report: ``data_dir``, ``seed``, ``commit``, ``date``, ``max_frames``,
+    ``methods[NAME]`` (:func:`metrics.summarize` keys), ``initial_pose`` (the same metrics
+    of the initial poses themselves, for reference) and ``per_frame[NAME]`` (one record
+    per frame: specimen, frame index, stamp, per-target TRE, RMSE, RRE, RTE, wrong level,
+    runtime, confidence, failed). Raises ValueError for frames without ground truth.
+    """
+    from tqdm import tqdm
+
+    from end2reg_ros.data.bag import read_recording
+    from end2reg_ros.data.dataset import list_specimens
+
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise ValueError("no method to evaluate")
+    recordings = list_specimens(data_dir)
+    counts = [_frame_count(r.bag_dir) for r in recordings]
+    if max_frames is not None:
+        counts = [min(c, int(max_frames)) for c in counts]
+    prior = SurgicalSetupPrior()
+    built = {name: make_method(name) for name in methods}
+    per_frame: dict[str, list[dict]] = {name: [] for name in methods}
+    results: dict[str, list[metrics.FrameMetrics]] = {name: [] for name in methods}
+    initial: list[metrics.FrameMetrics] = []
+    bar = tqdm(total=sum(counts), desc="evaluate", unit="frame", disable=not progress)
+    for rec in recordings:
+        specimen = rec.load_specimen()
+        for method in built.values():
+            method.prepare(specimen)
+        cache: dict = {}
+        for index, frame in enumerate(read_recording(rec.bag_dir)):
+            if max_frames is not None and index >= max_frames:
+                break
+            if frame.cam_from_spine is None:
+                raise ValueError(f"{rec.bag_dir}: frame {index} has no ground truth")
+            init = prior.sample_initial(frame.cam_from_spine, frame_rng(seed, rec.name, index))
+            initial.append(metrics.frame_metrics(init, frame, specimen, _cache=cache))
+            for name, method in built.items():
+                failed = False
+                start = time.perf_counter()
+                try:
+                    estimate = method.register(frame, init)
+                    pose, confidence = estimate.cam_from_spine, float(estimate.confidence)
+                except Exception as exc:  # a failing method is scored, not fatal
+                    LOGGER.warning("%s failed on %s frame %d: %s", name, rec.name, index, exc)
+                    failed, pose, confidence = True, init, 0.0
+                runtime_ms = (time.perf_counter() - start) * 1e3
+                fm = metrics.frame_metrics(
+                    pose, frame, specimen, runtime_ms=runtime_ms, failed=failed, _cache=cache
+                )
+                results[name].append(fm)
+                per_frame[name].append(
+                    {
+                        "specimen": rec.name,
+                        "frame": index,
+                        "stamp_ns": int(frame.stamp_ns),
+                        "tre_mm": [round(float(v), 4) for v in fm.tre_mm],
+                        "tre_median_mm": fm.tre_median_mm,
+                        "rmse_mm": fm.rmse_mm,
+                        "rre_deg": fm.rre_deg,
+                        "rte_mm": fm.rte_mm,
+                        "wrong_level": bool(fm.wrong_level),
+                        "runtime_ms": runtime_ms,
+                        "confidence": confidence,
+                        "failed": failed,
+                    }
+                )
+            bar.update(1)
+    bar.close()
+    if not any(results.values()):
+        raise ValueError(f"no frames in {data_dir}")
+    return {
+        "data_dir": str(Path(data_dir).resolve()),
+        "seed": int(seed),
+        "max_frames": max_frames,
+        "commit": _git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "prior": {
+            "max_rotation_deg": prior.max_rotation_deg,
+            "max_translation_mm": prior.max_translation_mm,
+        },
+        "methods": {name: metrics.summarize(results[name]) for name in methods},
+        "initial_pose": metrics.summarize(initial),
+        "per_frame": per_frame,
+    }
+
+
+def format_table(report: dict) -> str:
+    """Side-by-side table: one row per metric, one column per method (and the initial pose)."""
+    columns = dict(report["methods"])
+    if "initial_pose" in report:
+        columns["(initial pose)"] = report["initial_pose"]
+    names = list(columns)
+    label_w = max(len(label) for _, label, _ in TABLE_ROWS)
+    col_w = max(10, *(len(n) for n in names))
+    lines = [" " * label_w + " | " + " | ".join(n.rjust(col_w) for n in names)]
+    lines.append("-" * len(lines[0]))
+    for key, label, fmt in TABLE_ROWS:
+        cells = []
+        for name in names:
+            value = columns[name].get(key)
+            if value is None or (isinstance(value, float) and not np.isfinite(value)):
+                cells.append("n/a".rjust(col_w))
+            else:
+                cells.append(fmt.format(value).rjust(col_w))
+        lines.append(label.ljust(label_w) + " | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_tre(report: dict, path: str | Path) -> None:
+    """PNG of the empirical CDF of the per-target TRE of every method (log x axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.5), dpi=120)
+    for name, records in report["per_frame"].items():
+        tre = np.sort(np.concatenate([np.asarray(r["tre_mm"], dtype=float) for r in records]))
+        tre = np.maximum(tre, 1e-3)
+        ax.step(tre, np.arange(1, len(tre) + 1) / len(tre), where="post", label=name)
+    for threshold in metrics.SUCCESS_THRESHOLDS_MM:
+        ax.axvline(threshold, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("TRE per target point [mm] (log)")
+    ax.set_ylabel("fraction of target points")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(True, which="both", alpha=0.3)
+    frames = next(iter(report["methods"].values()))["frames"]
+    ax.set_title(f"TRE distribution, {frames} frames ({Path(report['data_dir']).name})")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``end2reg evaluate``."""
+    parser.add_argument("--data", required=True, type=Path, help="dataset directory")
+    parser.add_argument(
+        "--method",
+        action="append",
+        dest="methods",
+        metavar="NAME",
+        help=f"method to evaluate (repeatable; default: {', '.join(CLASSICAL_METHODS)})",
+    )
+    parser.add_argument("--report", required=True, type=Path, help="JSON report to write")
+    parser.add_argument("--max-frames", type=int, default=None, help="frames per specimen")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial poses")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG of the TRE distributions")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``end2reg evaluate``; returns the exit status."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    report = evaluate(
+        args.data,
+        args.methods or list(CLASSICAL_METHODS),
+        max_frames=args.max_frames,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(format_table(report))
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(report, indent=1))
+    print(f"report: {args.report}")
+    if args.plot is not None:
+        plot_tre(report, args.plot)
+        print(f"plot: {args.plot}")
+    return 0

@@ -1,0 +1,129 @@
+"""End-to-end ``end2reg evaluate`` on a tiny dataset (1 specimen x 2-3 frames): keys, table, PNG."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from end2reg_ros import evaluation
+from end2reg_ros.camera import CameraIntrinsics
+from end2reg_ros.data import bag, dataset
+from end2reg_ros.data.specimen_io import save_specimen
+from end2reg_ros.synth.anatomy import generate_specimen
+from end2reg_ros.synth.generate import render_frames
+
+REPORT_KEYS = {
+    "tre_median_mm",
+    "tre_mean_mm",
+    "tre_p95_mm",
+    "rmse_mean_mm",
+    "rre_median_deg",
+    "rte_median_mm",
+    "success_2mm",
+    "success_3mm",
+    "success_5mm",
+    "wrong_level_rate",
+    "runtime_p50_ms",
+    "frames",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """DIR/S3/{model,recording}: 3 synthetic frames (320x240, no occluders), as written by
+    ``end2reg synth``."""
+    root = tmp_path_factory.mktemp("data")
+    specimen = generate_specimen(3, "S3")
+    camera = CameraIntrinsics(320, 240, 192.5, 192.5, 159.5, 119.5)
+    frames = render_frames(specimen, 3, np.random.default_rng(3), camera, (0.0, 0.0))
+    save_specimen(specimen, root / "S3" / "model")
+    bag.write_recording(root / "S3" / "recording", frames, specimen_name="S3")
+    (root / "dataset.json").write_text(json.dumps({"specimens": ["S3"]}))
+    return root
+
+
+def test_evaluate_cli_writes_report_table_and_png(tiny, tmp_path, capsys):
+    root = tiny
+    report_path = tmp_path / "out" / "report.json"
+    plot_path = tmp_path / "out" / "tre.png"
+    args = [
+        "evaluate", "--data", str(root), "--method", "icp-prior", "--method", "oracle",
+        "--report", str(report_path), "--max-frames", "2", "--seed", "5",
+        "--plot", str(plot_path), "--no-progress",
+    ]  # fmt: skip
+    from end2reg_ros.cli import main
+
+    assert main(args) == 0
+    report = json.loads(report_path.read_text())
+    assert set(report["methods"]) == {"icp-prior", "oracle"}
+    for summary in report["methods"].values():
+        assert REPORT_KEYS <= set(summary)
+        assert summary["frames"] == 2
+    assert report["seed"] == 5 and "commit" in report and "date" in report
+    assert report["initial_pose"]["frames"] == 2
+    assert report["data_dir"].endswith(root.name)
+    assert [r["frame"] for r in report["per_frame"]["oracle"]] == [0, 1]
+    # the oracle is the noise floor of this easy data
+    assert report["methods"]["oracle"]["tre_median_mm"] < 1.0
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "TRE median [mm]" in out and "icp-prior" in out and "oracle" in out
+
+
+class _Raises:
+    name = "raises"
+
+    def prepare(self, specimen):
+        pass
+
+    def register(self, frame, init):
+        raise RuntimeError("boom")
+
+
+class _RecordsInit(_Raises):
+    seen: list = []
+
+    def register(self, frame, init):
+        self.seen.append(init.copy())
+        from end2reg_ros.types import RegistrationEstimate
+
+        return RegistrationEstimate(init, 0.5, 1.0, 10)
+
+
+def test_same_initial_pose_for_every_method_and_failures_scored_at_init(tiny, monkeypatch):
+    made = {"a": _RecordsInit(), "b": _RecordsInit(), "bad": _Raises()}
+    _RecordsInit.seen = []
+    monkeypatch.setattr(evaluation, "make_method", lambda name: made[name])
+    report = evaluation.evaluate(tiny, ["a", "b", "bad"], seed=1, progress=False)
+    seen = _RecordsInit.seen
+    assert len(seen) == 6  # 3 frames x 2 methods, interleaved per frame
+    for k in range(3):
+        np.testing.assert_array_equal(seen[2 * k], seen[2 * k + 1])
+    assert not np.allclose(seen[0], seen[2])
+    assert report["methods"]["bad"]["failures"] == 3
+    assert report["methods"]["bad"]["tre_median_mm"] == pytest.approx(
+        report["methods"]["a"]["tre_median_mm"]
+    )
+    again = evaluation.evaluate(tiny, ["a"], seed=1, progress=False)
+    for key in ("tre_median_mm", "tre_p95_mm", "rre_median_deg", "rte_median_mm"):
+        assert again["methods"]["a"][key] == report["methods"]["a"][key]
+    np.testing.assert_array_equal(_RecordsInit.seen[-1], seen[-1])
+
+
+def test_dataset_listing_and_disjoint_splits(tmp_path):
+    for split, names in (("train", ["A", "B"]), ("test", ["C"]), ("leak", ["B"])):
+        for name in names:
+            (tmp_path / split / name / "model").mkdir(parents=True)
+            (tmp_path / split / name / "recording").mkdir()
+    listed = dataset.list_specimens(tmp_path / "train")
+    assert [r.name for r in listed] == ["A", "B"]
+    assert listed[0].bag_dir == tmp_path / "train" / "A" / "recording"
+    dataset.check_disjoint(tmp_path / "train", tmp_path / "test")
+    with pytest.raises(ValueError, match="'B'"):
+        dataset.check_disjoint(tmp_path / "train", tmp_path / "test", tmp_path / "leak")
+    with pytest.raises(ValueError):
+        dataset.check_disjoint(tmp_path / "test", tmp_path / "test")
+    with pytest.raises(FileNotFoundError):
+        dataset.list_specimens(tmp_path / "missing")
