@@ -1,0 +1,735 @@
+"""``end2reg_node``: registers the preoperative spine model to the live RGB-D stream.
+
+Inputs (approximately synchronised, see :mod:`end2reg_ros.ros.sync`): colour image,
+depth aligned to colour (16UC1 mm or 32FC1 m) and the colour camera_info; topic names are
+parameters (defaults: realsense2_camera with ``align_depth.enable:=true``), input QoS
+best effort by default (``reliability`` parameter).
+
+Processing: a worker thread always takes the **latest** complete frame; frames that arrive
+while it is busy replace the waiting one and are counted as dropped (never queued). Per
+frame: input checks -> coarse initial pose from the depth image
+(:func:`~end2reg_ros.registration.prior.coarse_initial_pose`) -> ``method.register`` ->
+safety gate (:mod:`end2reg_ros.safety`).
+
+Outputs (stamp = the input frame's stamp, frame = the input's optical frame):
+
+* tf2 ``<optical frame> -> child_frame`` (``spine``) and ``spine_L1..L5`` when the method
+  estimates per-vertebra poses -- **only when the gate passes**;
+* ``~/result`` (end2reg_ros/RegistrationResult) for every processed frame, valid or not,
+  and for rejected bad input;
+* ``~/segmentation`` (PointCloud2: x, y, z, rgb, probability) of the points the method used;
+* ``~/model`` (MarkerArray, TRIANGLE_LIST per vertebra in ``child_frame``, transient local);
+* ``/diagnostics`` every ``diagnostics_period`` seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import Point
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
+from rclpy.clock import JumpThreshold
+from rclpy.duration import Duration
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_msgs.msg import ColorRGBA
+from visualization_msgs.msg import Marker, MarkerArray
+
+from end2reg_ros import node_params
+from end2reg_ros.camera import CameraIntrinsics
+from end2reg_ros.msg import RegistrationResult, StageLatency, VertebraPose
+from end2reg_ros.registration.prior import coarse_initial_pose
+from end2reg_ros.ros import conversions as conv
+from end2reg_ros.ros.sync import ApproximateTimeSync, SyncMonitor, header_stamp_ns
+from end2reg_ros.ros.tf import TfPublisher
+from end2reg_ros.safety import SafetyGate, SafetyLimits, check_pose
+from end2reg_ros.types import Frame, RegistrationEstimate, Specimen
+
+#: Seed and name of the built-in synthetic specimen (the one the demo recording uses).
+BUILTIN_SPECIMEN_SEED = 0
+BUILTIN_SPECIMEN_NAME = "builtin"
+
+#: QoS of outputs meant for RViz (its displays default to reliable, volatile).
+VIS_QOS = QoSProfile(
+    depth=2,
+    history=HistoryPolicy.KEEP_LAST,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.VOLATILE,
+)
+#: QoS of ``~/model``: latched so that RViz started later still shows it.
+LATCHED_QOS = QoSProfile(
+    depth=1,
+    history=HistoryPolicy.KEEP_LAST,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
+#: Colours of L1..L5 in ``~/model`` (RGB 0..1).
+LEVEL_COLOURS = ((0.90, 0.85, 0.70), (0.75, 0.85, 0.95), (0.95, 0.75, 0.75),
+                 (0.75, 0.95, 0.75), (0.90, 0.80, 0.95))
+
+#: Most triangles per vertebra in ``~/model`` (finer meshes are thinned for display).
+MAX_MODEL_TRIANGLES = 20000
+
+_SYNC_NAMES = ("colour", "depth", "camera_info")
+
+
+class ParameterError(ValueError):
+    """Invalid node parameters (the message lists every problem)."""
+
+
+class BadInputError(ValueError):
+    """A frame that cannot be registered; ``key`` groups throttled warnings."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------- specimen
+
+
+def load_preoperative_model(
+    specimen_dir: str, mesh_files: list[str], targets_file: str
+) -> Specimen:
+    """The preoperative model selected by the parameters (see ``node_params``).
+
+    ``specimen_dir``: a ``model/`` folder written by ``end2reg synth`` or its parent;
+    ``mesh_files`` (+ ``targets_file``): one mesh per vertebra; neither: the built-in
+    synthetic specimen ``generate_specimen(seed=0, name="builtin")``.
+    """
+    if specimen_dir:
+        from end2reg_ros.data.specimen_io import load_specimen
+
+        path = Path(specimen_dir)
+        if (path / "model").is_dir():
+            path = path / "model"
+        return load_specimen(path)
+    if mesh_files:
+        from end2reg_ros.data.specimen_io import load_specimen_from_meshes
+
+        return load_specimen_from_meshes(mesh_files, targets_file or None)
+    from end2reg_ros.synth.anatomy import generate_specimen
+
+    return generate_specimen(seed=BUILTIN_SPECIMEN_SEED, name=BUILTIN_SPECIMEN_NAME)
+
+
+def posterior_surface_height(specimen: Specimen) -> tuple[float, str]:
+    """Spine-frame z (mm) of the exposed posterior surface, and how it was obtained.
+
+    Ray casting from above (``synth.anatomy.posterior_surface_height_mm``, the same
+    definition the synthetic scenes use); if that is unavailable (no open3d), the 90th
+    percentile of the vertices' z.
+    """
+    try:
+        from end2reg_ros.synth.anatomy import posterior_surface_height_mm
+
+        return float(posterior_surface_height_mm(specimen)), "ray casting"
+    except Exception:  # noqa: BLE001 - any failure falls back to the percentile
+        z = np.concatenate([v.vertices[:, 2] for v in specimen.vertebrae])
+        return float(np.percentile(z, 90.0)), "90th percentile of vertex z"
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; others unchanged."""
+    if device != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class _Counters:
+    sets_in: int = 0  # synchronised frames received
+    processed: int = 0
+    valid: int = 0
+    gated: int = 0
+    bad_input: int = 0
+    dropped_stale: int = 0
+    errors: int = 0
+
+
+class End2RegNode(Node):
+    """The registration node (see module docstring). Parameters: :mod:`end2reg_ros.node_params`."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(node_params.NODE_NAME, **kwargs)
+        self.p = self._declare_parameters()
+        log = self.get_logger()
+        self._warn_last: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._pending: tuple | None = None
+        self._stop = False
+        self.counters = _Counters()
+        self._period_counters = _Counters()
+        self._period_stage_ms: dict[str, list[float]] = defaultdict(list)
+        self._last_confidence = float("nan")
+        self._last_residual = float("nan")
+        self._last_reason = "no frame processed yet"
+        self._last_valid = False
+        self._last_diag_time = time.monotonic()
+        self.gate = SafetyGate(self._limits_from(self.p))
+        self._rng = np.random.default_rng(0)
+
+        # preoperative model and method
+        self.specimen = load_preoperative_model(
+            self.p["specimen_dir"], self.p["mesh_files"], self.p["targets_file"]
+        )
+        if self.p["posterior_surface_height_mm"] >= 0.0:
+            self.surface_height_mm, how = self.p["posterior_surface_height_mm"], "parameter"
+        else:
+            self.surface_height_mm, how = posterior_surface_height(self.specimen)
+        self.method_name = self.p["method"]
+        self.device = None
+        self.method = self._make_method()
+        t0 = time.perf_counter()
+        self.method.prepare(self.specimen)
+        log.info(
+            f"specimen {self.specimen.name!r} ({', '.join(self.specimen.levels)}), method "
+            f"{self.method_name!r}" + (f" on {self.device}" if self.device else "")
+            + f", prepared in {1e3 * (time.perf_counter() - t0):.0f} ms; posterior surface "
+            f"height {self.surface_height_mm:.1f} mm ({how})"
+        )
+
+        # outputs
+        self.result_pub = self.create_publisher(RegistrationResult, "~/result", 10)
+        self.cloud_pub = self.create_publisher(PointCloud2, "~/segmentation", VIS_QOS)
+        self.model_pub = self.create_publisher(MarkerArray, "~/model", LATCHED_QOS)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.tf = TfPublisher(self)
+        self.model_pub.publish(self._model_markers())
+
+        # inputs
+        qos = QoSProfile(
+            depth=self.p["queue_size"],
+            history=HistoryPolicy.KEEP_LAST,
+            reliability=(ReliabilityPolicy.RELIABLE if self.p["reliability"] == "reliable"
+                         else ReliabilityPolicy.BEST_EFFORT),
+            durability=DurabilityPolicy.VOLATILE,
+        )
+        topics = (self.p["color_topic"], self.p["depth_topic"], self.p["camera_info_topic"])
+        self.sync_monitor = SyncMonitor(
+            [f"{n} ({t})" for n, t in zip(_SYNC_NAMES, topics)], self.p["slop"]
+        )
+        self.sync_backend = self._subscribe(topics, qos)
+
+        self._worker = threading.Thread(target=self._work, name="end2reg-worker", daemon=True)
+        self._worker.start()
+        self.create_timer(self.p["diagnostics_period"], self._publish_diagnostics)
+        self.create_timer(self.p["warn_throttle"], self._check_sync)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        # replays restart (ros2 bag play --loop, use_sim_time): forget the last stamp
+        self._jump_handle = self.get_clock().create_jump_callback(
+            JumpThreshold(min_forward=None, min_backward=Duration(seconds=-0.5),
+                          on_clock_change=True),
+            post_callback=self._on_time_jump,
+        )
+        log.info(
+            f"listening on {topics[0]}, {topics[1]}, {topics[2]} ({self.p['reliability']}, "
+            f"{self.sync_backend} sync, slop {self.p['slop']} s); publishing tf "
+            f"<optical frame> -> {self.p['child_frame']}"
+        )
+
+    def _on_time_jump(self, jump) -> None:
+        self.gate.reset()
+        self.get_logger().warning("ROS time jumped backwards or changed source (use_sim_time): "
+                                  "stamp order check reset")
+
+    # ------------------------------------------------------------------ parameters
+
+    def _declare_parameters(self) -> dict:
+        values = {}
+        for spec in node_params.PARAMETERS:
+            descriptor = ParameterDescriptor(
+                description=spec.description + (f" [{spec.unit}]" if spec.unit else ""),
+                read_only=not spec.dynamic,
+                # types are checked by node_params.validate, with a clearer message (and an
+                # int is accepted where a double is expected)
+                dynamic_typing=spec.type != "string_array",
+            )
+            if spec.type == "string_array" and not spec.default:
+                self.declare_parameter(spec.name, Parameter.Type.STRING_ARRAY, descriptor)
+                try:
+                    value = list(self.get_parameter(spec.name).value)
+                except rclpy.exceptions.ParameterUninitializedException:
+                    value = []
+            else:
+                default = list(spec.default) if spec.type == "string_array" else spec.default
+                value = self.declare_parameter(spec.name, default, descriptor).value
+            if spec.type == "double" and isinstance(value, int):
+                value = float(value)
+            values[spec.name] = value
+        errors = node_params.validate_all(values)
+        if errors:
+            raise ParameterError("invalid parameters:\n  " + "\n  ".join(errors))
+        return values
+
+    @staticmethod
+    def _limits_from(p: dict) -> SafetyLimits:
+        return SafetyLimits(
+            min_confidence=float(p["min_confidence"]),
+            max_residual_mm=float(p["max_residual_mm"]),
+            min_points=int(p["min_points"]),
+            max_age_s=float(p["max_age_s"]),
+            min_depth_mm=float(p["min_depth_mm"]),
+            max_depth_mm=float(p["max_depth_mm"]),
+            max_lateral_mm=float(p["max_lateral_mm"]),
+        )
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        new = dict(self.p)
+        for param in params:
+            spec = node_params.BY_NAME.get(param.name)
+            if spec is None:
+                continue  # e.g. use_sim_time
+            if not spec.dynamic:
+                return SetParametersResult(
+                    successful=False, reason=f"{param.name} is read-only: restart the node"
+                )
+            value = float(param.value) if spec.type == "double" and isinstance(
+                param.value, int) else param.value
+            error = node_params.validate(param.name, value)
+            if error:
+                return SetParametersResult(successful=False, reason=error)
+            new[param.name] = value
+        errors = node_params.validate_all({k: new[k] for k in ("min_depth_mm", "max_depth_mm")})
+        if errors:
+            return SetParametersResult(successful=False, reason="; ".join(errors))
+        self.p = new
+        self.gate.limits = self._limits_from(new)
+        return SetParametersResult(successful=True)
+
+    def _make_method(self):
+        from end2reg_ros.registration import LEARNED_METHODS, make_method
+
+        options = {}
+        if self.method_name in LEARNED_METHODS:
+            self.device = resolve_device(self.p["device"])
+            options["device"] = self.device
+            if self.p["weights"]:
+                options["weights"] = self.p["weights"]
+        return make_method(self.method_name, **options)
+
+    # ------------------------------------------------------------------ inputs
+
+    def _subscribe(self, topics: tuple[str, str, str], qos: QoSProfile) -> str:
+        types = (Image, Image, CameraInfo)
+        try:
+            import message_filters
+        except ImportError:
+            message_filters = None
+        if message_filters is not None:
+            subs = [
+                message_filters.Subscriber(self, t, name, qos_profile=qos)
+                for t, name in zip(types, topics)
+            ]
+            for i, sub in enumerate(subs):
+                sub.registerCallback(
+                    lambda msg, i=i: self.sync_monitor.on_message(i, header_stamp_ns(msg))
+                )
+            self._mf_sync = message_filters.ApproximateTimeSynchronizer(
+                subs, self.p["queue_size"], self.p["slop"]
+            )
+            self._mf_sync.registerCallback(self._on_synced_mf)
+            self._mf_subs = subs
+            return "message_filters"
+        self.sync = ApproximateTimeSync(
+            list(_SYNC_NAMES), self.p["slop"], self.p["queue_size"], self._on_synced,
+            monitor=self.sync_monitor,
+        )
+        self._subs = [
+            self.create_subscription(t, name, lambda msg, i=i: self.sync.add(i, msg), qos)
+            for i, (t, name) in enumerate(zip(types, topics))
+        ]
+        return "own approximate-time"
+
+    def _on_synced_mf(self, color: Image, depth: Image, info: CameraInfo) -> None:
+        self.sync_monitor.on_matched()
+        self._on_synced(color, depth, info)
+
+    def _on_synced(self, color: Image, depth: Image, info: CameraInfo) -> None:
+        """A complete frame: replace the waiting one (counted as dropped), wake the worker."""
+        with self._cv:
+            self.counters.sets_in += 1
+            self._period_counters.sets_in += 1
+            if self._pending is not None:
+                self.counters.dropped_stale += 1
+                self._period_counters.dropped_stale += 1
+            self._pending = (color, depth, info)
+            self._cv.notify()
+
+    def _check_sync(self) -> None:
+        message = self.sync_monitor.check_stalled()
+        if message:
+            self._warn("sync", message)
+
+    def _warn(self, key: str, text: str) -> None:
+        """Warning throttled per ``key`` (``warn_throttle`` seconds)."""
+        now = time.monotonic()
+        if now - self._warn_last.get(key, -math.inf) >= self.p["warn_throttle"]:
+            self._warn_last[key] = now
+            self.get_logger().warning(text)
+
+    # ------------------------------------------------------------------ worker
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while self._pending is None and not self._stop:
+                    self._cv.wait(timeout=0.5)
+                if self._stop:
+                    return
+                msgs, self._pending = self._pending, None
+            try:
+                self.process(*msgs)
+            except Exception:  # noqa: BLE001 - the worker must survive anything
+                self.counters.errors += 1
+                self._warn("exception", "unexpected error while processing a frame:\n"
+                           + traceback.format_exc())
+
+    def stop_worker(self, timeout: float = 5.0) -> None:
+        """Stop the worker thread (finishes the frame in progress)."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._worker.join(timeout=timeout)
+
+    def _to_frame(self, color_msg: Image, depth_msg: Image, info_msg: CameraInfo) -> Frame:
+        """Check and convert one input set (raises :class:`BadInputError`)."""
+        frame_id = color_msg.header.frame_id
+        if not frame_id:
+            raise BadInputError("frame_id", "colour image has an empty header.frame_id")
+        try:
+            color = conv.image_to_rgb(color_msg)
+        except conv.UnsupportedEncoding as err:
+            raise BadInputError("color_encoding", str(err)) from err
+        except conv.BadInput as err:
+            raise BadInputError("color_data", f"colour image: {err}") from err
+        try:
+            depth, nan_count = conv.depth_to_mm(depth_msg)
+        except conv.UnsupportedEncoding as err:
+            raise BadInputError("depth_encoding", str(err)) from err
+        except conv.BadInput as err:
+            raise BadInputError("depth_data", f"depth image: {err}") from err
+        if depth.shape != color.shape[:2]:
+            raise BadInputError(
+                "size_mismatch",
+                f"depth {depth.shape[1]}x{depth.shape[0]} does not match colour "
+                f"{color.shape[1]}x{color.shape[0]}: use depth aligned to colour "
+                "(realsense2_camera align_depth.enable:=true)",
+            )
+        try:
+            camera = conv.camera_info_to_intrinsics(info_msg)
+        except conv.BadInput as err:
+            raise BadInputError("camera_info", str(err)) from err
+        if (camera.width, camera.height) != (color.shape[1], color.shape[0]):
+            raise BadInputError(
+                "camera_info_size",
+                f"camera_info is {camera.width}x{camera.height} but the images are "
+                f"{color.shape[1]}x{color.shape[0]}: use the colour camera's camera_info",
+            )
+        if depth_msg.header.frame_id and depth_msg.header.frame_id != frame_id:
+            self._warn(
+                "depth_frame",
+                f"depth frame_id {depth_msg.header.frame_id!r} differs from colour "
+                f"{frame_id!r}: is the depth aligned to colour?",
+            )
+        valid = int(np.count_nonzero(depth))
+        if nan_count:
+            self._warn(
+                "depth_nan",
+                f"depth (32FC1) has {nan_count} NaN pixels, treated as no data (REP 118)",
+            )
+        if valid == 0:
+            why = f"all {depth.size} pixels NaN" if nan_count == depth.size else "all zero"
+            raise BadInputError("depth_empty", f"depth image has no valid pixel ({why})")
+        return Frame(
+            color=color,
+            depth_mm=depth,
+            camera=camera,
+            stamp_ns=header_stamp_ns(color_msg),
+            frame_id=frame_id,
+        )
+
+    def process(self, color_msg: Image, depth_msg: Image, info_msg: CameraInfo) -> None:
+        """Register one synchronised input set and publish the outputs (worker thread)."""
+        header = color_msg.header
+        stamp_ns = header_stamp_ns(color_msg)
+        stages: dict[str, float] = {}
+        t0 = time.perf_counter()
+        ok, reason = self.gate.check_stamp(stamp_ns)
+        if not ok:
+            self._reject(header, "stamp", f"input rejected: {reason}", stages)
+            return
+        try:
+            frame = self._to_frame(color_msg, depth_msg, info_msg)
+            try:
+                init = coarse_initial_pose(frame.depth_mm, frame.camera, self.surface_height_mm)
+            except ValueError as err:
+                raise BadInputError("init", f"cannot initialise: {err}") from err
+        except BadInputError as err:
+            stages["input"] = 1e3 * (time.perf_counter() - t0)
+            self._reject(header, err.key, f"input rejected: {err.reason}", stages)
+            return
+        stages["input"] = 1e3 * (time.perf_counter() - t0)
+
+        try:
+            estimate = self.method.register(frame, init)
+        except Exception as err:  # noqa: BLE001 - a failed registration is a gated result
+            self.counters.errors += 1
+            self._warn("register", f"{self.method_name} failed: {err!r}")
+            self._reject(header, "register", f"registration failed: {err}", stages,
+                         bad_input=False)
+            return
+        stages.update(estimate.stage_ms)
+
+        now_ns = self.get_clock().now().nanoseconds
+        if now_ns == 0:  # use_sim_time and no /clock yet: the age cannot be known
+            now_ns = None
+        valid, reason = self.gate.check(
+            estimate.cam_from_spine, float(estimate.confidence), float(estimate.residual_mm),
+            int(estimate.num_points), stamp_ns, now_ns,
+        )
+        t_pub = time.perf_counter()
+        vertebrae = self._vertebra_poses(estimate) if valid else []
+        if valid:
+            transforms = [conv.pose_to_transform_stamped(
+                estimate.cam_from_spine, stamp_ns, header.frame_id, self.p["child_frame"])]
+            transforms += [
+                conv.pose_to_transform_stamped(pose, stamp_ns, header.frame_id, child)
+                for _, child, pose in vertebrae
+            ]
+            self.tf.send(transforms)
+        else:
+            self._warn("gate", f"registration not published: {reason}")
+        if self.cloud_pub.get_subscription_count() > 0:
+            self.cloud_pub.publish(self._segmentation_cloud(frame, estimate))
+        stages["publish"] = 1e3 * (time.perf_counter() - t_pub)
+
+        result = self._result(header, stages, valid, "" if valid else reason)
+        result.transform = conv.pose_to_transform(estimate.cam_from_spine) if np.all(
+            np.isfinite(estimate.cam_from_spine)) else result.transform
+        result.confidence = float(estimate.confidence)
+        result.residual_mm = float(estimate.residual_mm)
+        result.num_points = max(int(estimate.num_points), 0)
+        result.vertebrae = [
+            VertebraPose(level=level, child_frame_id=child, transform=conv.pose_to_transform(pose))
+            for level, child, pose in vertebrae
+        ]
+        self.result_pub.publish(result)
+        with self._lock:
+            self.counters.processed += 1
+            self._period_counters.processed += 1
+            if valid:
+                self.counters.valid += 1
+                self._period_counters.valid += 1
+            else:
+                self.counters.gated += 1
+                self._period_counters.gated += 1
+            for stage, ms in stages.items():
+                self._period_stage_ms[stage].append(ms)
+            self._last_confidence = float(estimate.confidence)
+            self._last_residual = float(estimate.residual_mm)
+            self._last_reason = "ok" if valid else reason
+            self._last_valid = valid
+
+    def _vertebra_poses(self, estimate: RegistrationEstimate) -> list[tuple[str, str, np.ndarray]]:
+        if not (self.p["publish_vertebra_frames"] and estimate.cam_from_vertebra):
+            return []
+        out = []
+        for level in sorted(estimate.cam_from_vertebra):
+            pose = np.asarray(estimate.cam_from_vertebra[level], dtype=float)
+            if check_pose(pose, self.gate.limits)[0]:
+                out.append((level, f"{self.p['child_frame']}_{level}", pose))
+        return out
+
+    def _result(self, header, stages: dict[str, float], valid: bool, reason: str):
+        result = RegistrationResult()
+        result.header = header
+        result.child_frame_id = self.p["child_frame"]
+        result.transform.rotation.w = 1.0
+        result.valid = valid
+        result.reason = reason
+        result.method = self.method_name
+        result.latencies = [StageLatency(stage=k, duration_ms=float(v)) for k, v in stages.items()]
+        result.processing_ms = float(sum(stages.values()))
+        now_ns = self.get_clock().now().nanoseconds
+        # NaN while ROS time is unknown (use_sim_time before the first /clock)
+        result.age_ms = (now_ns - header_stamp_ns(result)) * 1e-6 if now_ns else float("nan")
+        return result
+
+    def _reject(self, header, key: str, reason: str, stages: dict[str, float],
+                bad_input: bool = True) -> None:
+        """Publish an invalid result for a frame that was not registered; warn (throttled)."""
+        self._warn(key, reason)
+        self.result_pub.publish(self._result(header, stages, False, reason))
+        with self._lock:
+            if bad_input:
+                self.counters.bad_input += 1
+                self._period_counters.bad_input += 1
+            self._last_reason = reason
+            self._last_valid = False
+
+    # ------------------------------------------------------------------ outputs
+
+    def _segmentation_cloud(self, frame: Frame, estimate: RegistrationEstimate) -> PointCloud2:
+        """The points the method looked at, coloured from the image, with their weight."""
+        if estimate.points_cam is not None and len(estimate.points_cam):
+            points = np.asarray(estimate.points_cam, dtype=np.float32).reshape(-1, 3)
+            weight = (np.ones(len(points), np.float32) if estimate.point_weight is None
+                      else np.asarray(estimate.point_weight, np.float32).reshape(-1))
+        else:
+            from end2reg_ros.camera import backproject
+
+            points, _ = backproject(frame.depth_mm, frame.camera, stride=4)
+            weight = np.zeros(len(points), np.float32)
+        if len(points) > self.p["cloud_max_points"]:
+            keep = self._rng.choice(len(points), self.p["cloud_max_points"], replace=False)
+            points, weight = points[keep], weight[keep]
+        rgb = _sample_colour(frame.color, frame.camera, points)
+        return conv.build_pointcloud2(points, rgb, weight, frame.stamp_ns, frame.frame_id)
+
+    def _model_markers(self) -> MarkerArray:
+        """The preoperative model, one TRIANGLE_LIST per vertebra in ``child_frame`` (metres)."""
+        markers = MarkerArray()
+        for i, vertebra in enumerate(self.specimen.vertebrae):
+            m = Marker()
+            m.header.frame_id = self.p["child_frame"]
+            m.ns = "end2reg_model"
+            m.id = i
+            m.type = Marker.TRIANGLE_LIST
+            m.action = Marker.ADD
+            m.pose.orientation.w = 1.0
+            m.scale.x = m.scale.y = m.scale.z = 1.0
+            r, g, b = LEVEL_COLOURS[i % len(LEVEL_COLOURS)]
+            m.color = ColorRGBA(r=r, g=g, b=b, a=0.8)
+            faces = np.asarray(vertebra.faces)
+            if len(faces) > MAX_MODEL_TRIANGLES:  # display only: thin out very fine CT meshes
+                faces = faces[:: int(np.ceil(len(faces) / MAX_MODEL_TRIANGLES))]
+            tri = np.asarray(vertebra.vertices, dtype=float)[faces.reshape(-1)] / 1000.0
+            m.points = [Point(x=x, y=y, z=z) for x, y, z in tri.tolist()]
+            m.frame_locked = True
+            markers.markers.append(m)
+        return markers
+
+    def _publish_diagnostics(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            dt = max(now - self._last_diag_time, 1e-6)
+            period, self._period_counters = self._period_counters, _Counters()
+            stage_ms, self._period_stage_ms = self._period_stage_ms, defaultdict(list)
+            self._last_diag_time = now
+            total = self.counters
+            last_reason, last_valid = self._last_reason, self._last_valid
+            conf, resid = self._last_confidence, self._last_residual
+        status = DiagnosticStatus()
+        status.name = f"{self.get_name()}: registration"
+        status.hardware_id = "end2reg"
+        if period.sets_in == 0:
+            status.level = DiagnosticStatus.WARN
+            status.message = "no synchronised input frames"
+        elif period.valid == 0:
+            status.level = DiagnosticStatus.WARN
+            status.message = f"no valid registration: {last_reason}"
+        else:
+            status.level = DiagnosticStatus.OK
+            status.message = "registering"
+        values = {
+            "method": self.method_name,
+            "device": self.device or "n/a",
+            "input rate (Hz)": f"{period.sets_in / dt:.2f}",  # synchronised frames
+            "processed rate (Hz)": f"{period.processed / dt:.2f}",
+            "valid output rate (Hz)": f"{period.valid / dt:.2f}",
+            "dropped stale frames (total)": str(total.dropped_stale),
+            "bad input frames (total)": str(total.bad_input),
+            "gated frames (total)": str(total.gated),
+            "processing errors (total)": str(total.errors),
+            "last confidence": f"{conf:.3f}",
+            "last residual (mm)": f"{resid:.2f}",
+            "last valid": str(last_valid).lower(),
+            "last reason": last_reason,
+            "sync": "pairing" if period.sets_in else self.sync_monitor.explain(),
+            "received (colour, depth, camera_info, total)": ", ".join(
+                str(n) for n in self.sync_monitor.received),
+        }
+        if self.sync_backend != "message_filters":
+            values["sync dropped (colour, depth, camera_info)"] = ", ".join(
+                str(d) for d in self.sync.dropped)
+        for stage, samples in stage_ms.items():
+            values[f"latency {stage} (ms, mean)"] = f"{np.mean(samples):.1f}"
+        status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
+        msg = DiagnosticArray()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.status = [status]
+        self.diag_pub.publish(msg)
+
+
+def _sample_colour(
+    color: np.ndarray, camera: CameraIntrinsics, points_mm: np.ndarray
+) -> np.ndarray:
+    """RGB of the image pixel each optical-frame point projects to (grey when outside)."""
+    out = np.full((len(points_mm), 3), 128, np.uint8)
+    if len(points_mm) == 0:
+        return out
+    z = points_mm[:, 2]
+    ok = z > 0
+    uv = np.zeros((len(points_mm), 2))
+    uv[ok] = camera.project(points_mm[ok])
+    u = np.rint(uv[:, 0]).astype(np.int64)
+    v = np.rint(uv[:, 1]).astype(np.int64)
+    ok &= (u >= 0) & (u < color.shape[1]) & (v >= 0) & (v < color.shape[0])
+    out[ok] = color[v[ok], u[ok]]
+    return out
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point of ``end2reg_node`` (console script / ``ros2 run end2reg_ros end2reg_node``)."""
+    rclpy.init(args=args)
+    node = None
+    code = 0
+    try:
+        node = End2RegNode()
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except ParameterError as err:
+        rclpy.logging.get_logger(node_params.NODE_NAME).fatal(str(err))
+        code = 2
+    except Exception as err:  # noqa: BLE001 - e.g. missing weights or unreadable meshes
+        logger = rclpy.logging.get_logger(node_params.NODE_NAME)
+        logger.fatal(f"cannot start: {type(err).__name__}: {err}")
+        logger.debug(traceback.format_exc())
+        code = 1
+    finally:
+        if node is not None:
+            node.stop_worker()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The safety gate publishes a registration only when every check passes, and says why not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from end2reg_ros.geometry import axis_angle_to_matrix, make_pose
+from end2reg_ros.safety import OK, SafetyGate, SafetyLimits, check_pose
+
+pytestmark = pytest.mark.timeout(30)
+
+S = 1_000_000_000  # ns per second
+GOOD_POSE = make_pose(axis_angle_to_matrix([0, 1, 0], np.pi), [10.0, -5.0, 350.0])
+
+
+def good_kwargs(**overrides):
+    kwargs = dict(
+        cam_from_spine=GOOD_POSE, confidence=0.9, residual_mm=1.2, num_points=5000,
+        stamp_ns=100 * S, now_ns=100 * S + S // 10,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def test_good_registration_passes_with_reason_ok():
+    assert SafetyGate().check(**good_kwargs()) == (True, OK)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (dict(confidence=0.49), "confidence"),
+        (dict(confidence=float("nan")), "confidence"),
+        (dict(residual_mm=5.01), "residual"),
+        (dict(residual_mm=float("inf")), "residual"),
+        (dict(num_points=199), "min_points"),
+        (dict(now_ns=100 * S + 3 * S), "old"),
+        (dict(now_ns=100 * S - 2 * S), "future"),
+        (dict(stamp_ns=0, now_ns=S), "no stamp"),
+    ],
+)
+def test_each_threshold_rejects_with_a_reason_naming_it(overrides, words):
+    valid, reason = SafetyGate().check(**good_kwargs(**overrides))
+    assert not valid
+    assert words in reason
+
+
+def test_thresholds_are_inclusive_at_the_limit():
+    limits = SafetyLimits(min_confidence=0.5, max_residual_mm=2.0, min_points=100)
+    valid, reason = SafetyGate(limits).check(
+        **good_kwargs(confidence=0.5, residual_mm=2.0, num_points=100)
+    )
+    assert valid, reason
+
+
+def test_unknown_now_skips_only_the_age_check():
+    gate = SafetyGate()
+    assert gate.check(**good_kwargs(now_ns=None)) == (True, OK)
+    assert not gate.check(**good_kwargs(now_ns=None, confidence=0.1))[0]
+
+
+def test_zero_max_age_disables_the_age_check():
+    gate = SafetyGate(SafetyLimits(max_age_s=0.0))
+    assert gate.check(**good_kwargs(now_ns=100 * S + 3600 * S))[0]
+
+
+def test_stamp_older_than_last_processed_is_rejected_but_equal_or_newer_passes():
+    gate = SafetyGate()
+    assert gate.check(**good_kwargs(stamp_ns=100 * S, now_ns=100 * S))[0]
+    valid, reason = gate.check(**good_kwargs(stamp_ns=99 * S, now_ns=100 * S))
+    assert not valid and "backwards" in reason and "1.000 s" in reason
+    assert gate.check(**good_kwargs(stamp_ns=100 * S, now_ns=100 * S))[0]
+    assert gate.check(**good_kwargs(stamp_ns=101 * S, now_ns=101 * S))[0]
+    # a rejected (gated) frame still counts as processed
+    gate.check(**good_kwargs(stamp_ns=102 * S, now_ns=102 * S, confidence=0.0))
+    assert not gate.check_stamp(101 * S)[0]
+    gate.reset()
+    assert gate.check_stamp(101 * S) == (True, OK)
+
+
+def test_check_stamp_does_not_record_the_stamp():
+    gate = SafetyGate()
+    assert gate.check_stamp(5 * S)[0]
+    assert gate.last_stamp_ns is None
+    gate.mark_processed(5 * S)
+    assert not gate.check_stamp(4 * S)[0]
+
+
+@pytest.mark.parametrize(
+    ("pose", "words"),
+    [
+        (np.full((4, 4), np.nan), "NaN"),
+        (np.eye(3), "shape"),
+        (make_pose(np.diag([1.0, 1.0, -1.0]), [0, 0, 300]), "reflection"),
+        (make_pose(1.1 * np.eye(3), [0, 0, 300]), "orthonormal"),
+        (make_pose(np.eye(3), [0, 0, 20]), "working range"),
+        (make_pose(np.eye(3), [0, 0, 1500]), "working range"),
+        (make_pose(np.eye(3), [0, 0, -300]), "working range"),
+        (make_pose(np.eye(3), [600, 0, 300]), "optical axis"),
+    ],
+)
+def test_implausible_poses_are_rejected(pose, words):
+    valid, reason = check_pose(pose, SafetyLimits())
+    assert not valid and words in reason
+    gate_valid, gate_reason = SafetyGate().check(**good_kwargs(cam_from_spine=pose))
+    assert not gate_valid and gate_reason == reason
+
+
+def test_nominal_surgical_poses_pass_the_pose_check():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        rot = axis_angle_to_matrix(rng.normal(size=3), rng.uniform(0, np.pi))
+        t = [rng.uniform(-100, 100), rng.uniform(-100, 100), rng.uniform(150, 600)]
+        pose = make_pose(rot, t)
+        assert check_pose(pose, SafetyLimits()) == (True, OK)
