@@ -90,6 +90,7 @@ def evaluate(
     max_frames: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    method_options: dict[str, dict] | None = None,
 ) -> dict:
     """Run ``methods`` (names for :func:`registration.make_method`) on every specimen/frame.
 
@@ -98,7 +99,9 @@ def evaluate(
     ``methods[NAME]`` (:func:`metrics.summarize` keys), ``initial_pose`` (the same metrics
     of the initial poses themselves, for reference) and ``per_frame[NAME]`` (one record
     per frame: specimen, frame index, stamp, per-target TRE, RMSE, RRE, RTE, wrong level,
-    runtime, confidence, failed). Raises ValueError for frames without ground truth.
+    runtime, confidence, failed). ``method_options``: keyword options per method name for
+    :func:`registration.make_method` (e.g. ``{"end2reg": {"weights": "run/final.safetensors"}}``).
+    Raises ValueError for frames without ground truth.
     """
     from tqdm import tqdm
 
@@ -113,7 +116,8 @@ def evaluate(
     if max_frames is not None:
         counts = [min(c, int(max_frames)) for c in counts]
     prior = SurgicalSetupPrior()
-    built = {name: make_method(name) for name in methods}
+    options = method_options or {}
+    built = {name: make_method(name, **options.get(name, {})) for name in methods}
     per_frame: dict[str, list[dict]] = {name: [] for name in methods}
     results: dict[str, list[metrics.FrameMetrics]] = {name: [] for name in methods}
     initial: list[metrics.FrameMetrics] = []
@@ -245,6 +249,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial poses")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the TRE distributions")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
+                        help="weights file of a learned method, e.g. end2reg=runs/x/final.safetensors "
+                        "(repeatable; default: the bundled weights)")
+    parser.add_argument("--device", default=None, choices=("auto", "cuda", "cpu"),
+                        help="device of learned methods (default auto)")
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, dict]:
+    from end2reg_ros.registration import LEARNED_METHODS
+
+    options: dict[str, dict] = {}
+    for item in args.weights:
+        name, sep, path = item.partition("=")
+        if not sep or name not in LEARNED_METHODS or not path:
+            raise SystemExit(f"--weights expects NAME=PATH with NAME in {', '.join(LEARNED_METHODS)}: {item!r}")
+        if not Path(path).is_file():
+            raise SystemExit(f"--weights {name}: no such file {path}")
+        options.setdefault(name, {})["weights"] = path
+    if args.device is not None:
+        for name in LEARNED_METHODS:
+            options.setdefault(name, {})["device"] = args.device
+    return options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -256,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         seed=args.seed,
         progress=not args.no_progress,
+        method_options=_method_options(args),
     )
     print(format_table(report))
     args.report.parent.mkdir(parents=True, exist_ok=True)
