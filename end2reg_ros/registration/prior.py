@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from end2reg_ros.camera import CameraIntrinsics, backproject
+from end2reg_ros.camera import CameraIntrinsics
 from end2reg_ros.geometry import invert, make_pose, random_rotation, transform_points
 
 #: Nominal rotation camera-from-spine of the surgical setup (see module docstring).
@@ -58,28 +58,34 @@ def coarse_initial_pose(
     depth_mm: np.ndarray,
     camera: CameraIntrinsics,
     posterior_surface_height_mm: float,
-    window_fraction: float = 0.2,
+    window_fraction: float = 0.3,
+    percentile: float = 90.0,
 ) -> np.ndarray:
     """Coarse ``cam_from_spine`` from one depth image, without ground truth.
 
-    Nominal orientation; the translation puts the spine origin
+    The surgical set-up aims the camera at the exposed spine: the optical axis passes near
+    the spine's midline at the height of the posterior surface. The estimate keeps the
+    nominal orientation and puts the spine origin on the optical axis,
     ``posterior_surface_height_mm`` (the spine-frame z of the exposed posterior surface)
-    behind the median surface point in the central ``window_fraction`` of the image.
-    Raises ValueError when that window has no valid depth.
+    behind the surface depth at the image centre. That depth is the ``percentile`` of the
+    valid depths in the central ``window_fraction`` of the image: hands and instruments
+    are nearer to the camera than the bone, so a high percentile ignores them.
+
+    Calibration (training specimens only, seed 1, 0-60 % occlusion, 238 frames): with the
+    defaults 100 % of the frames were within ``SurgicalSetupPrior()`` (median translation
+    error 12 mm), against 23-64 % for the median over the window with the window's centroid
+    as the lateral position. Raises ValueError when that window has no valid depth.
     """
     depth = np.asarray(depth_mm, dtype=np.float32)
     h, w = depth.shape
-    hh, hw = int(h * window_fraction / 2), int(w * window_fraction / 2)
-    window = np.zeros_like(depth)
-    window[h // 2 - hh : h // 2 + hh, w // 2 - hw : w // 2 + hw] = depth[
-        h // 2 - hh : h // 2 + hh, w // 2 - hw : w // 2 + hw
-    ]
-    points, _ = backproject(window, camera, stride=2)
-    if len(points) < 10:
+    hh, hw = max(1, int(h * window_fraction / 2)), max(1, int(w * window_fraction / 2))
+    window = depth[h // 2 - hh : h // 2 + hh, w // 2 - hw : w // 2 + hw]
+    valid = window[np.isfinite(window) & (window > 0)]
+    if valid.size < 10:
         raise ValueError("no valid depth in the centre of the image: cannot initialise")
-    surface = np.median(points, axis=0)
-    origin = surface + np.array([0.0, 0.0, posterior_surface_height_mm])
-    return make_pose(NOMINAL_CAM_FROM_SPINE_ROTATION, origin)
+    surface_depth = float(np.percentile(valid, percentile))
+    return make_pose(NOMINAL_CAM_FROM_SPINE_ROTATION,
+                     [0.0, 0.0, surface_depth + posterior_surface_height_mm])
 
 
 def region_of_interest_mask(
