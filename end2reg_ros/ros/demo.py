@@ -272,7 +272,7 @@ def report(args, out, specimen, truth, data, tre_mm, draw_overlay, save_png, log
     print(f"\n{'frame':>5} {'stamp':>20} {'valid':>5} {'conf':>5} {'TRE mm':>7} {'latency ms':>10}  reason")
     for i, (stamp, frame) in enumerate(sorted(truth.items())):
         if stamp not in data.results:
-            print(f"{i:5d} {stamp:20d} {'-':>5} {'-':>5} {'-':>7} {'-':>10}  not processed (dropped)")
+            print(f"{i:5d} {stamp:20d} {'-':>5} {'-':>5} {'-':>7} {'-':>10}  no result received (dropped by the node or lost)")
             continue
         msg, arrival = data.results[stamp]
         est = _transform_to_pose(msg.transform)

@@ -225,6 +225,10 @@ def replay(
                 passes += 1
                 if not loop or not rclpy.ok(context=context):
                     break
+        # reliable delivery of the last (large) images finishes in the background: give it
+        # a moment before the writers are destroyed
+        if rclpy.ok(context=context):
+            time.sleep(1.0)
     finally:
         node.destroy_node()
     wall = time.monotonic() - t_start
