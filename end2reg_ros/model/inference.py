@@ -31,6 +31,7 @@ from scipy.spatial import cKDTree
 
 from end2reg_ros.geometry import invert, transform_points
 from end2reg_ros.model.checkpoint import load_model
+from end2reg_ros.model.device import resolve_device
 from end2reg_ros.model.layers import knn_indices
 from end2reg_ros.model.network import batch_from_samples
 from end2reg_ros.model.preprocess import build_scene, prepare_model_cloud, sample_network_input
@@ -60,14 +61,6 @@ def default_weights(name: str) -> Path:
     if name not in DEFAULT_WEIGHTS:
         raise ValueError(f"no learned method {name!r}; choose one of {sorted(DEFAULT_WEIGHTS)}")
     return WEIGHTS_DIR / DEFAULT_WEIGHTS[name]
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available (use 'cpu')")
-    return torch.device(name)
 
 
 def _point_to_plane_icp(
@@ -120,7 +113,7 @@ class LearnedRegistration(RegistrationMethod):
                 f"weights for {name!r} not found at {path}; train them with "
                 f"`end2reg train --config config/train/<method>.yaml` or pass weights=PATH"
             )
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.net, self.cfg = load_model(path, expected_method=name, device=self.device)
         self.weights_path = path
         self.refine_icp = DEFAULT_REFINE_ICP if refine_icp is None else bool(refine_icp)

@@ -36,6 +36,7 @@ from end2reg_ros.geometry import invert, transform_points
 from end2reg_ros.model.cache import SpecimenCache, build_cache, load_cache, load_point_labels
 from end2reg_ros.model.checkpoint import export_weights, load_checkpoint, save_checkpoint
 from end2reg_ros.model.config import ModelConfig, load_config, save_config
+from end2reg_ros.model.device import resolve_device
 from end2reg_ros.model.loss import mask_size_penalty, matching_loss, registration_loss
 from end2reg_ros.model.network import End2RegNet, batch_from_samples
 from end2reg_ros.model.preprocess import NetworkSample, sample_network_input
@@ -44,15 +45,6 @@ from end2reg_ros.registration.prior import SurgicalSetupPrior
 
 #: Validation initial poses are drawn with this seed (fixed across runs and methods).
 VAL_SEED = 12345
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
-    return torch.device(name)
 
 
 class FrameSamples(Dataset):

@@ -54,7 +54,7 @@ from end2reg_ros.msg import RegistrationResult, StageLatency, VertebraPose
 from end2reg_ros.registration.prior import coarse_initial_pose
 from end2reg_ros.ros import conversions as conv
 from end2reg_ros.ros.sync import ApproximateTimeSync, SyncMonitor, header_stamp_ns
-from end2reg_ros.ros.tf import TfPublisher
+from end2reg_ros.ros.tf import TF_STATIC_QOS, TfPublisher
 from end2reg_ros.safety import SafetyGate, SafetyLimits, check_pose
 from end2reg_ros.types import Frame, RegistrationEstimate, Specimen
 
@@ -69,13 +69,8 @@ VIS_QOS = QoSProfile(
     reliability=ReliabilityPolicy.RELIABLE,
     durability=DurabilityPolicy.VOLATILE,
 )
-#: QoS of ``~/model``: latched so that RViz started later still shows it.
-LATCHED_QOS = QoSProfile(
-    depth=1,
-    history=HistoryPolicy.KEEP_LAST,
-    reliability=ReliabilityPolicy.RELIABLE,
-    durability=DurabilityPolicy.TRANSIENT_LOCAL,
-)
+#: QoS of ``~/model``: latched (as /tf_static) so that RViz started later still shows it.
+LATCHED_QOS = TF_STATIC_QOS
 #: Colours of L1..L5 in ``~/model`` (RGB 0..1).
 LEVEL_COLOURS = ((0.90, 0.85, 0.70), (0.75, 0.85, 0.95), (0.95, 0.75, 0.75),
                  (0.75, 0.95, 0.75), (0.90, 0.80, 0.95))
