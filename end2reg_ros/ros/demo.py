@@ -96,6 +96,7 @@ class Collected:
     results: dict[int, tuple[object, float]] = field(default_factory=dict)
     tf: dict[int, np.ndarray] = field(default_factory=dict)          # stamp_ns -> 4x4 mm
     clouds: dict[int, object] = field(default_factory=dict)
+    diagnostics: dict[str, str] = field(default_factory=dict)  # the node's last /diagnostics
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -132,6 +133,7 @@ def _cloud_points(cloud) -> tuple[np.ndarray, np.ndarray]:
 
 def run(args: argparse.Namespace) -> int:
     import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.context import Context
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
@@ -203,6 +205,13 @@ def run(args: argparse.Namespace) -> int:
     node.create_subscription(RegistrationResult, RESULT_TOPIC, on_result, reliable)
     node.create_subscription(TFMessage, "/tf", on_tf, QoSProfile(depth=100))
     node.create_subscription(PointCloud2, CLOUD_TOPIC, on_cloud, QoSProfile(depth=5))
+
+    def on_diagnostics(msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name.startswith("end2reg_node"):
+                data.diagnostics = {kv.key: kv.value for kv in status.values}
+
+    node.create_subscription(DiagnosticArray, "/diagnostics", on_diagnostics, QoSProfile(depth=10))
     ready = False
 
     def on_model(_msg) -> None:
@@ -247,6 +256,10 @@ def run(args: argparse.Namespace) -> int:
                 done = len(data.results) >= n_frames
             # after the replay ends, allow the last frame time to be processed
             if done or (replay_done_at is not None and time.monotonic() - replay_done_at > 15.0):
+                # the last result's tf and segmentation may still be on their way
+                linger = time.monotonic() + 1.0
+                while time.monotonic() < linger:
+                    executor.spin_once(timeout_sec=0.05)
                 break
     finally:
         for proc in reversed(procs):
@@ -297,6 +310,7 @@ def report(args, out, specimen, truth, data, tre_mm, draw_overlay, save_png, log
         "latency_p50_ms": float(np.nanmedian([r["latency_ms"] for r in rows])) if rows else None,
         "processing_p50_ms": float(np.median([r["processing_ms"] for r in rows])) if rows else None,
         "method": args.method,
+        "node_diagnostics": data.diagnostics,
         "per_frame": rows,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -322,5 +336,8 @@ def report(args, out, specimen, truth, data, tre_mm, draw_overlay, save_png, log
         print(f"[demo] median TRE of published transforms {summary['tre_median_mm']:.2f} mm, "
               f"end-to-end latency p50 {summary['latency_p50_ms']:.0f} ms "
               f"(processing p50 {summary['processing_p50_ms']:.0f} ms)")
+    if data.diagnostics:
+        keys = [k for k in data.diagnostics if "total" in k or k.startswith("sync")]
+        print("[demo] node diagnostics: " + "; ".join(f"{k}: {data.diagnostics[k]}" for k in keys))
     print(f"[demo] summary: {out / 'summary.json'}; logs: {log_dir}")
     return 0 if tf_rows else 1

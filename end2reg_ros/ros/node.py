@@ -38,7 +38,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.clock import JumpThreshold
+from rclpy.clock import Clock, ClockType, JumpThreshold
 from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
@@ -231,8 +231,11 @@ class End2RegNode(Node):
 
         self._worker = threading.Thread(target=self._work, name="end2reg-worker", daemon=True)
         self._worker.start()
-        self.create_timer(self.p["diagnostics_period"], self._publish_diagnostics)
-        self.create_timer(self.p["warn_throttle"], self._check_sync)
+        # wall-clock (steady) timers: with use_sim_time a slow or paused replay would
+        # otherwise starve the diagnostics and the sync watchdog
+        steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self.create_timer(self.p["diagnostics_period"], self._publish_diagnostics, clock=steady)
+        self.create_timer(self.p["warn_throttle"], self._check_sync, clock=steady)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         # replays restart (ros2 bag play --loop, use_sim_time): forget the last stamp
         self._jump_handle = self.get_clock().create_jump_callback(
