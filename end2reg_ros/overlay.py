@@ -111,8 +111,10 @@ def draw_overlay(
         colours = _weight_colour(weights[front])
         ui = np.rint(uv[:, 0]).astype(int)
         vi = np.rint(uv[:, 1]).astype(int)
-        inside = (ui >= 0) & (ui < cam.width) & (vi >= 0) & (vi < cam.height)
-        img[vi[inside], ui[inside]] = colours[inside]
+        for du, dv in ((0, 0), (1, 0), (0, 1), (1, 1)):  # 2x2 dots: visible at 640x480
+            uu, vv = ui + du, vi + dv
+            inside = (uu >= 0) & (uu < cam.width) & (vv >= 0) & (vv < cam.height)
+            img[vv[inside], uu[inside]] = colours[inside]
     rot, trans = cam_from_spine[:3, :3], cam_from_spine[:3, 3]
     white = np.array([255.0, 255.0, 255.0], dtype=np.float32)
     for v in specimen.vertebrae:

@@ -288,10 +288,11 @@ def test_overlay_marks_the_model(specimen, clean_frames, tmp_path):
     changed = np.any(img != frame.color, axis=2)
     bone = frame.labels > 0
     assert changed[bone].mean() > 0.9  # visible bone lies inside the drawn silhouettes
-    # away from the spine (image corners) only the sparse weight dots change pixels
+    # away from the spine (image corners) only the sparse 2x2 weight dots change pixels:
+    # one point per 8x8 pixels -> at most 4/64 of them
     corner = np.zeros_like(bone)
     corner[:60, :60] = True
-    assert changed[corner].mean() < 0.05
+    assert changed[corner].mean() < 0.08
     path = save_png(img, tmp_path / "overlay.png")
     import matplotlib.image as mpimg
 
