@@ -100,32 +100,14 @@ class Collected:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _stamp_ns(stamp) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
-def _transform_to_pose(transform) -> np.ndarray:
-    from end2reg_ros.geometry import make_pose, quaternion_to_matrix
-
-    q = transform.rotation
-    t = transform.translation
-    return make_pose(quaternion_to_matrix([q.x, q.y, q.z, q.w]),
-                     [t.x * 1000.0, t.y * 1000.0, t.z * 1000.0])
-
-
 def _cloud_points(cloud) -> tuple[np.ndarray, np.ndarray]:
     """(N, 3) mm points and (N,) probability from the node's segmentation PointCloud2."""
-    names = [f.name for f in cloud.fields]
-    offsets = {f.name: f.offset for f in cloud.fields}
-    n = cloud.width * cloud.height
-    raw = np.frombuffer(bytes(cloud.data), dtype=np.uint8).reshape(n, cloud.point_step)
+    from end2reg_ros.ros.conversions import MM_PER_M, read_pointcloud2
 
-    def column(name: str) -> np.ndarray:
-        return raw[:, offsets[name]:offsets[name] + 4].copy().view(np.float32).reshape(n)
-
-    xyz = np.stack([column("x"), column("y"), column("z")], axis=1) * 1000.0
-    prob = column("probability") if "probability" in names else np.ones(n, np.float32)
-    return xyz.astype(float), prob.astype(float)
+    fields = read_pointcloud2(cloud)
+    xyz = np.stack([fields["x"], fields["y"], fields["z"]], axis=1).astype(float) * MM_PER_M
+    prob = fields.get("probability", np.ones(len(xyz)))
+    return xyz, np.asarray(prob, dtype=float)
 
 
 # ----------------------------------------------------------------------------- main
@@ -144,9 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
     from end2reg_ros.data.bag import COLOR_TOPIC, read_recording
     from end2reg_ros.data.specimen_io import load_specimen
-    from end2reg_ros.metrics import tre_mm
     from end2reg_ros.msg import RegistrationResult
-    from end2reg_ros.overlay import draw_overlay, save_png
+    from end2reg_ros.ros.conversions import stamp_to_ns, transform_to_pose
 
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     if os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] != "LOCALHOST":
@@ -185,21 +166,21 @@ def run(args: argparse.Namespace) -> int:
 
     def on_color(msg: Image) -> None:
         with data.lock:
-            data.color_arrival.setdefault(_stamp_ns(msg.header.stamp), time.monotonic())
+            data.color_arrival.setdefault(stamp_to_ns(msg.header.stamp), time.monotonic())
 
     def on_result(msg: RegistrationResult) -> None:
         with data.lock:
-            data.results[_stamp_ns(msg.header.stamp)] = (msg, time.monotonic())
+            data.results[stamp_to_ns(msg.header.stamp)] = (msg, time.monotonic())
 
     def on_tf(msg: TFMessage) -> None:
         with data.lock:
             for ts in msg.transforms:
                 if ts.child_frame_id == "spine":
-                    data.tf[_stamp_ns(ts.header.stamp)] = _transform_to_pose(ts.transform)
+                    data.tf[stamp_to_ns(ts.header.stamp)] = transform_to_pose(ts.transform)
 
     def on_cloud(msg: PointCloud2) -> None:
         with data.lock:
-            data.clouds[_stamp_ns(msg.header.stamp)] = msg
+            data.clouds[stamp_to_ns(msg.header.stamp)] = msg
 
     node.create_subscription(Image, COLOR_TOPIC, on_color, reliable)
     node.create_subscription(RegistrationResult, RESULT_TOPIC, on_result, reliable)
@@ -276,10 +257,15 @@ def run(args: argparse.Namespace) -> int:
         node.destroy_node()
         context.try_shutdown()
 
-    return report(args, out, specimen, truth, data, tre_mm, draw_overlay, save_png, log_dir)
+    return report(args, out, specimen, truth, data, log_dir)
 
 
-def report(args, out, specimen, truth, data, tre_mm, draw_overlay, save_png, log_dir) -> int:
+def report(args, out, specimen, truth, data, log_dir) -> int:
+    """Per-frame table, summary.json and overlay.png from what the demo collected."""
+    from end2reg_ros.metrics import tre_mm
+    from end2reg_ros.overlay import draw_overlay, save_png
+    from end2reg_ros.ros.conversions import transform_to_pose
+
     rows = []
     targets, levels = specimen.target_points()
     print(f"\n{'frame':>5} {'stamp':>20} {'valid':>5} {'conf':>5} {'TRE mm':>7} {'latency ms':>10}  reason")
@@ -288,7 +274,7 @@ def report(args, out, specimen, truth, data, tre_mm, draw_overlay, save_png, log
             print(f"{i:5d} {stamp:20d} {'-':>5} {'-':>5} {'-':>7} {'-':>10}  no result received (dropped by the node or lost)")
             continue
         msg, arrival = data.results[stamp]
-        est = _transform_to_pose(msg.transform)
+        est = transform_to_pose(msg.transform)
         tre = float(np.median(tre_mm(est, frame.cam_from_vertebra, targets, levels)))
         latency = (arrival - data.color_arrival[stamp]) * 1000.0 if stamp in data.color_arrival else float("nan")
         published = stamp in data.tf
@@ -325,7 +311,7 @@ def report(args, out, specimen, truth, data, tre_mm, draw_overlay, save_png, log
         cloud = data.clouds.get(row["stamp_ns"])
         if cloud is not None:
             points, weights = _cloud_points(cloud)
-        image = draw_overlay(frame, specimen, _transform_to_pose(msg.transform),
+        image = draw_overlay(frame, specimen, transform_to_pose(msg.transform),
                              point_weight=weights, points_cam=points)
         save_png(image, out / "overlay.png")
         print(f"[demo] picture of frame {row['stamp_ns']} (TRE {row['tre_mm']:.2f} mm): {out / 'overlay.png'}")
