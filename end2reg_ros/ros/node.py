@@ -3,7 +3,8 @@
 Inputs (approximately synchronised, see :mod:`end2reg_ros.ros.sync`): colour image,
 depth aligned to colour (16UC1 mm or 32FC1 m) and the colour camera_info; topic names are
 parameters (defaults: realsense2_camera with ``align_depth.enable:=true``), input QoS
-best effort by default (``reliability`` parameter).
+reliable by default (``reliability`` parameter; a best-effort camera driver needs
+``reliability:=best_effort``, and the node says so when it sees one).
 
 Processing: a worker thread always takes the **latest** complete frame; frames that arrive
 while it is busy replace the waiting one and are counted as dropped (never queued). Per
@@ -25,6 +26,7 @@ Outputs (stamp = the input frame's stamp, frame = the input's optical frame):
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import threading
 import time
@@ -339,7 +341,8 @@ class End2RegNode(Node):
             message_filters = None
         if message_filters is not None:
             subs = [
-                message_filters.Subscriber(self, t, name, qos_profile=qos)
+                message_filters.Subscriber(self, t, name, qos_profile=qos,
+                                           **self._qos_event_kwargs(name))
                 for t, name in zip(types, topics)
             ]
             for i, sub in enumerate(subs):
@@ -357,10 +360,35 @@ class End2RegNode(Node):
             monitor=self.sync_monitor,
         )
         self._subs = [
-            self.create_subscription(t, name, lambda msg, i=i: self.sync.add(i, msg), qos)
+            self.create_subscription(t, name, lambda msg, i=i: self.sync.add(i, msg), qos,
+                                     **self._qos_event_kwargs(name))
             for i, (t, name) in enumerate(zip(types, topics))
         ]
         return "own approximate-time"
+
+    def _qos_event_kwargs(self, topic: str) -> dict:
+        """``event_callbacks`` that explain an incompatible input QoS (the usual case: a
+        best-effort camera driver and this node's default ``reliable``), with the fix."""
+        try:
+            from rclpy.event_handler import SubscriptionEventCallbacks  # Iron and later
+        except ImportError:  # Humble
+            from rclpy.qos_event import SubscriptionEventCallbacks
+        from rclpy.qos import qos_policy_name_from_kind
+
+        def incompatible(info) -> None:
+            try:
+                policy = qos_policy_name_from_kind(info.last_policy_kind)
+            except Exception:  # noqa: BLE001 - the name is only for the message
+                policy = str(info.last_policy_kind)
+            hint = ""
+            if "RELIABILITY" in policy.upper() and self.p["reliability"] == "reliable":
+                hint = (": the publisher offers best effort; start the node with "
+                        "reliability:=best_effort (or make the driver publish reliable)")
+            self._warn(f"qos:{topic}", f"a publisher on {topic} offers a QoS this "
+                       f"subscription cannot accept ({policy}, input reliability "
+                       f"{self.p['reliability']}); none of its messages arrive{hint}")
+
+        return {"event_callbacks": SubscriptionEventCallbacks(incompatible_qos=incompatible)}
 
     def _on_synced_mf(self, color: Image, depth: Image, info: CameraInfo) -> None:
         self.sync_monitor.on_matched()
@@ -402,16 +430,22 @@ class End2RegNode(Node):
             try:
                 self.process(*msgs)
             except Exception:  # noqa: BLE001 - the worker must survive anything
+                if self._stop:
+                    return  # shutting down: publishers may already be gone, nothing to report
                 self.counters.errors += 1
                 self._warn("exception", "unexpected error while processing a frame:\n"
                            + traceback.format_exc())
 
-    def stop_worker(self, timeout: float = 5.0) -> None:
-        """Stop the worker thread (finishes the frame in progress)."""
+    def stop_worker(self, timeout: float = 30.0) -> bool:
+        """Stop the worker thread: it finishes the frame in progress (and publishes it) and
+        takes no other. Call before the node or the rclpy context goes away. Returns False
+        if the worker was still busy after ``timeout`` seconds."""
         with self._cv:
             self._stop = True
+            self._pending = None
             self._cv.notify_all()
         self._worker.join(timeout=timeout)
+        return not self._worker.is_alive()
 
     def _to_frame(self, color_msg: Image, depth_msg: Image, info_msg: CameraInfo) -> Frame:
         """Check and convert one input set (raises :class:`BadInputError`)."""
@@ -701,16 +735,44 @@ def _sample_colour(
     return out
 
 
+def _init_without_signal_handlers(args: list[str] | None) -> None:
+    """``rclpy.init`` without rclpy's own SIGINT/SIGTERM handlers (they shut the context
+    down at once, while the worker may still be publishing: "publisher's context is
+    invalid"). ``signal_handler_options`` exists from Humble on."""
+    try:
+        from rclpy.signals import SignalHandlerOptions
+    except ImportError:
+        rclpy.init(args=args)
+    else:
+        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+
+
 def main(args: list[str] | None = None) -> int:
-    """Entry point of ``end2reg_node`` (console script / ``ros2 run end2reg_ros end2reg_node``)."""
-    rclpy.init(args=args)
+    """Entry point of ``end2reg_node`` (console script / ``ros2 run end2reg_ros end2reg_node``).
+
+    SIGINT and SIGTERM (Ctrl-C, ``ros2 launch`` stopping, ``kill``) end it cleanly with exit
+    code 0: spinning stops, the worker finishes its frame, then the node and the context go.
+    """
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        stop.set()
+
+    # our handlers, installed before rclpy.init, replace rclpy's (which would shut the
+    # context down under the running worker); the spin loop below polls the flag
+    if threading.current_thread() is threading.main_thread():  # signal.signal's rule
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, on_signal)
+    _init_without_signal_handlers(args)
     node = None
+    executor = None
     code = 0
     try:
         node = End2RegNode()
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        executor.spin()
+        while not stop.is_set() and rclpy.ok():
+            executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except ParameterError as err:
@@ -722,8 +784,12 @@ def main(args: list[str] | None = None) -> int:
         logger.debug(traceback.format_exc())
         code = 1
     finally:
+        if node is not None and not node.stop_worker():
+            rclpy.logging.get_logger(node_params.NODE_NAME).warning(
+                "the worker is still registering a frame; exiting without waiting for it")
+        if executor is not None:
+            executor.shutdown(timeout_sec=1.0)
         if node is not None:
-            node.stop_worker()
             node.destroy_node()
         rclpy.try_shutdown()
     return code
