@@ -113,10 +113,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "depth aligned to colour: 16UC1 (mm) or 32FC1 (m)", _topic),
     ParamSpec("camera_info_topic", "string", "/camera/camera/color/camera_info", "",
               "camera_info of the colour camera", _topic),
-    ParamSpec("reliability", "string", "best_effort", "",
-              "QoS reliability of the input subscriptions (best_effort receives from both "
-              "reliable and best-effort publishers)", _choice("best_effort", "reliable"),
-              choices=("best_effort", "reliable")),
+    ParamSpec("reliability", "string", "reliable", "",
+              "QoS reliability of the input subscriptions: reliable (lost image fragments "
+              "are resent; matches drivers publishing reliable / SYSTEM_DEFAULT, e.g. "
+              "realsense2_camera) or best_effort (needed for best-effort / SensorDataQoS "
+              "publishers, which a reliable subscription does not match)",
+              _choice("best_effort", "reliable"), choices=("best_effort", "reliable")),
     ParamSpec("queue_size", "int", 10, "messages",
               "per-topic queue of the approximate-time synchronizer and input QoS depth",
               lambda v: None if 1 <= v <= 1000 else "must be in [1, 1000]"),

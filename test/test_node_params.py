@@ -31,7 +31,7 @@ def test_defaults_match_the_brief():
     assert d["color_topic"] == "/camera/camera/color/image_raw"
     assert d["depth_topic"] == "/camera/camera/aligned_depth_to_color/image_raw"
     assert d["camera_info_topic"] == "/camera/camera/color/camera_info"
-    assert d["reliability"] == "best_effort"
+    assert d["reliability"] == "reliable"
     assert d["device"] == "auto"
     assert d["child_frame"] == "spine"
 
