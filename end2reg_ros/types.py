@@ -36,15 +36,27 @@ class Vertebra:
 
 @dataclass
 class Specimen:
-    """Preoperative model of one lumbar spine (CT frame ``spine``, millimetres).
+    """Preoperative model of one lumbar spine (spine frame ``spine``, millimetres).
 
-    Spine frame axes: x = patient left-to-right, y = cranial-to-caudal (L1 towards L5),
-    z = posterior (towards the camera when the patient lies prone), origin near the
-    centre of the L1-L5 vertebral bodies.
+    Spine frame (right-handed): y = cranial-to-caudal (L1 towards L5, along the chord of
+    the vertebral body centres), z = posterior (towards the camera when the patient lies
+    prone), x = y x z, which points to the patient's **left**; origin at the mean of the
+    vertebral body centres. (The synthetic generator names the target at -x
+    ``pedicle_entry_left``, mirrored with respect to a real patient; its vertebrae are
+    left-right symmetric.) See :mod:`end2reg_ros.spine_frame`.
+
+    ``user_from_spine`` (4x4, mm): maps spine-frame points into the frame the user gave
+    the meshes in (e.g. the CT's LPS coordinates); identity when the meshes were already
+    in the spine frame. Outputs for the user are expressed with it, e.g. the published
+    ``cam_from_user = cam_from_spine @ inv(user_from_spine)``. ``user_units``: the
+    length unit of the user's mesh files (``mm`` or ``m``); ``user_from_spine`` is in mm
+    either way (metre files are scaled by 1000 when loaded).
     """
 
     name: str
     vertebrae: list[Vertebra]
+    user_from_spine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    user_units: str = "mm"
 
     @property
     def levels(self) -> list[str]:

@@ -1,20 +1,44 @@
 """Preoperative model on disk: one mesh per vertebra plus a CSV of target points.
 
-Format of a model directory (what ``end2reg synth`` writes and what users supply)::
+Format of a model directory (what ``end2reg synth`` and ``end2reg import-ct`` write and
+what users supply)::
 
     model_dir/
         L1.ply  L2.ply  ...  L5.ply     one triangle mesh per vertebra; .ply, .stl or .obj
         targets.csv                     TRE target points (optional for loading)
 
-* Meshes: triangle meshes in **millimetres**, in the preoperative CT frame (the ``spine``
-  frame: x patient left-to-right, y cranial-to-caudal, z posterior; origin anywhere near
-  the spine). The file name (without extension) is the level: ``L1`` .. ``L5``. A subset
-  of the levels is allowed (at least one). Only one file per level. A mesh whose largest
-  extent is below 1.0 is rejected as "looks like metres".
+* Meshes: triangle meshes in **millimetres** (or metres with ``units="m"``/``"auto"``), in
+  **any rigid frame** the user has: the package's spine frame (what ``end2reg synth``
+  writes), a CT's scanner coordinates (LPS or RAS, what ``end2reg import-ct`` writes), or
+  anything else reached by a rotation and a translation (no mirroring). The file name
+  (without extension) is the level: ``L1`` .. ``L5``. A subset of the levels is allowed (at
+  least one; at least two when the frame has to be derived). Only one file per level.
 * ``targets.csv``: header ``level,name,x_mm,y_mm,z_mm``, one row per target point in the same
-  frame, e.g. ``L3,pedicle_entry_left,-13.1,2.4,31.0``. Names used by the synthetic
-  specimens: ``pedicle_entry_left``, ``pedicle_entry_right``, ``body_centre``. Every level
-  in the file must have a mesh.
+  frame as the meshes, always in millimetres, e.g. ``L3,pedicle_entry_left,-13.1,2.4,31.0``.
+  Names used by the synthetic specimens: ``pedicle_entry_left``, ``pedicle_entry_right``,
+  ``body_centre``. Every level in the file must have a mesh.
+
+Frames (``frame=`` of :func:`load_specimen` / :func:`load_specimen_from_meshes`): the returned
+:class:`~end2reg_ros.types.Specimen` is always in the package's **spine frame** (see
+:mod:`end2reg_ros.spine_frame`), and ``Specimen.user_from_spine`` maps it back into the
+frame of the files:
+
+* ``"package"``: the files are in the spine frame already; nothing is derived,
+  ``user_from_spine`` is the identity (the behaviour before frames were derived).
+* ``"user"``: the spine frame is derived from the anatomy (at least two levels) and the
+  model is moved into it; ``user_from_spine`` is the derived transform.
+* ``"auto"`` (default): derive the frame as for ``"user"``; when the derived frame is within
+  :data:`PACKAGE_FRAME_TOLERANCE_DEG` and :data:`PACKAGE_FRAME_TOLERANCE_MM` of the files'
+  own frame, the files are taken to be in the package frame (identity, vertices untouched:
+  the specimens written by ``end2reg synth`` load bit-identical, their derived frame is
+  within about 2 deg / 1.5 mm of the generator's); otherwise as ``"user"``. A model with a
+  single level is taken as ``"package"``.
+
+Units (``units=``): ``"mm"`` (default; a mesh whose largest extent is below 1.0 is rejected
+as "looks like metres"), ``"m"`` (scaled by 1000 on load), ``"auto"`` (the rule of
+:func:`end2reg_ros.spine_frame.detect_mm_per_unit`: model size below 1.0 -> metres). The
+package works in millimetres; ``user_from_spine`` maps into the user's frame in
+millimetres, and a ROS transform (metres) built from it maps the user's metre coordinates.
 
 :func:`save_specimen` writes binary little-endian PLY meshes (vertices as float64,
 faces as int32 index lists) and ``targets.csv``; :func:`load_specimen` reads them back
@@ -29,6 +53,12 @@ from pathlib import Path
 import numpy as np
 
 from end2reg_ros.types import LEVELS, Specimen, Vertebra
+
+FRAMES = ("auto", "package", "user")
+UNITS = ("mm", "m", "auto")
+#: ``frame="auto"`` keeps the files' frame when the derived spine frame is this close to it
+PACKAGE_FRAME_TOLERANCE_DEG = 10.0
+PACKAGE_FRAME_TOLERANCE_MM = 25.0
 
 TARGETS_FILE = "targets.csv"
 TARGETS_HEADER = ("level", "name", "x_mm", "y_mm", "z_mm")
@@ -57,10 +87,17 @@ def write_ply(path: str | Path, vertices: np.ndarray, faces: np.ndarray) -> None
         fh.write(rec.tobytes())
 
 
-def save_specimen(specimen: Specimen, model_dir: str | Path) -> Path:
-    """Write ``<LEVEL>.ply`` per vertebra and ``targets.csv`` into ``model_dir`` (created)."""
+def save_specimen(specimen: Specimen, model_dir: str | Path, user_frame: bool = False) -> Path:
+    """Write ``<LEVEL>.ply`` per vertebra and ``targets.csv`` into ``model_dir`` (created).
+
+    Coordinates as stored in ``specimen`` (spine frame, mm); with ``user_frame`` mapped by
+    ``specimen.user_from_spine`` into the user's frame (mm)."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
+    if user_frame:
+        from end2reg_ros.spine_frame import transform_specimen
+
+        specimen = transform_specimen(specimen, np.asarray(specimen.user_from_spine, float))
     for v in specimen.vertebrae:
         if v.level not in LEVELS:
             raise ValueError(f"unknown level {v.level!r} (expected one of {', '.join(LEVELS)})")
@@ -75,11 +112,12 @@ def save_specimen(specimen: Specimen, model_dir: str | Path) -> Path:
     return model_dir
 
 
-def read_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def read_mesh(path: str | Path, check_mm: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Read a triangle mesh (.ply/.stl/.obj) -> (vertices (V, 3) float64, faces (F, 3) int64).
 
     Raises ``ValueError`` naming the file if it is missing, unreadable, empty, has faces
-    pointing outside the vertex list or looks like metres (largest extent < 1.0)."""
+    pointing outside the vertex list or (with ``check_mm``) looks like metres (largest
+    extent < 1.0)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: mesh file does not exist")
@@ -100,10 +138,10 @@ def read_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if faces.min() < 0 or faces.max() >= len(vertices):
         raise ValueError(f"{path}: faces index vertices that do not exist")
     extent = float(np.max(vertices.max(0) - vertices.min(0)))
-    if extent < MIN_EXTENT_MM:
+    if check_mm and extent < MIN_EXTENT_MM:
         raise ValueError(
             f"{path}: largest extent is {extent:.4g}, which looks like metres; meshes must be "
-            "in millimetres (scale by 1000)"
+            "in millimetres (scale by 1000, or load with units 'm' or 'auto')"
         )
     return vertices, faces
 
@@ -154,10 +192,21 @@ def _level_of(path: Path) -> str:
 
 
 def load_specimen_from_meshes(
-    mesh_files: list[str | Path], targets_file: str | Path | None = None, name: str | None = None
+    mesh_files: list[str | Path],
+    targets_file: str | Path | None = None,
+    name: str | None = None,
+    frame: str = "auto",
+    units: str = "mm",
 ) -> Specimen:
     """Specimen from explicit mesh files (level = file stem, e.g. ``L3.stl``) and an optional
-    ``targets.csv``. ValueError for duplicate/unknown levels or targets without a mesh."""
+    ``targets.csv``, in the spine frame with ``user_from_spine`` set (``frame`` and
+    ``units``: see the module docstring). ValueError for duplicate/unknown levels, targets
+    without a mesh, bad ``frame``/``units`` values or anatomy the frame cannot be derived
+    from."""
+    if frame not in FRAMES:
+        raise ValueError(f"frame must be one of {', '.join(FRAMES)}, got {frame!r}")
+    if units not in UNITS:
+        raise ValueError(f"units must be one of {', '.join(UNITS)}, got {units!r}")
     if not mesh_files:
         raise ValueError("no mesh files given")
     by_level: dict[str, Path] = {}
@@ -174,16 +223,61 @@ def load_specimen_from_meshes(
     vertebrae = []
     for level in LEVELS:
         if level in by_level:
-            v, f = read_mesh(by_level[level])
+            v, f = read_mesh(by_level[level], check_mm=units == "mm")
             vertebrae.append(
                 Vertebra(level=level, vertices=v, faces=f, targets=targets.get(level, {}))
             )
-    return Specimen(name=name or Path(mesh_files[0]).parent.name, vertebrae=vertebrae)
+    specimen = Specimen(name=name or Path(mesh_files[0]).parent.name, vertebrae=vertebrae)
+    return _to_spine_frame(specimen, frame, units, where=str(Path(mesh_files[0]).parent))
 
 
-def load_specimen(model_dir: str | Path, name: str | None = None) -> Specimen:
-    """Read a model directory (see module docstring). ``name`` defaults to the directory name
-    (or its parent's when the directory is called ``model``)."""
+def _to_spine_frame(specimen: Specimen, frame: str, units: str, where: str) -> Specimen:
+    """Scale to mm and move into the spine frame as ``frame``/``units`` say."""
+    from end2reg_ros.spine_frame import (
+        detect_mm_per_unit,
+        fit_spine_frame,
+        frame_offset,
+        transform_specimen,
+    )
+
+    if units != "mm":
+        try:
+            scale = 1000.0 if units == "m" else detect_mm_per_unit(
+                [v.vertices for v in specimen.vertebrae]
+            )
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+        if scale != 1.0:
+            for v in specimen.vertebrae:
+                v.vertices = v.vertices * scale
+            specimen.user_units = "m"
+    if frame == "package" or (frame == "auto" and len(specimen.vertebrae) < 2):
+        return specimen
+    levels = [v.level for v in specimen.vertebrae]
+    try:
+        fit = fit_spine_frame(levels, [(v.vertices, v.faces) for v in specimen.vertebrae])
+    except ValueError as exc:
+        raise ValueError(
+            f"{where}: cannot derive the spine frame from the meshes ({exc})"
+            + ("; if the meshes are in the package's spine frame already, load them with "
+               "frame 'package'" if frame == "auto" else "")
+        ) from exc
+    if frame == "auto":
+        angle, shift = frame_offset(fit.user_from_spine)
+        if angle <= PACKAGE_FRAME_TOLERANCE_DEG and shift <= PACKAGE_FRAME_TOLERANCE_MM:
+            return specimen
+    canonical = transform_specimen(specimen, fit.spine_from_user)
+    canonical.user_from_spine = fit.user_from_spine
+    return canonical
+
+
+def load_specimen(
+    model_dir: str | Path, name: str | None = None, frame: str = "auto", units: str = "mm"
+) -> Specimen:
+    """Read a model directory (see module docstring) into a Specimen in the spine frame with
+    ``user_from_spine`` set. ``name`` defaults to the directory name (or its parent's when
+    the directory is called ``model``); ``frame`` (auto|package|user) and ``units``
+    (mm|m|auto): module docstring."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"{model_dir}: model directory does not exist")
@@ -196,4 +290,6 @@ def load_specimen(model_dir: str | Path, name: str | None = None) -> Specimen:
     targets = model_dir / TARGETS_FILE
     if name is None:
         name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
-    return load_specimen_from_meshes(files, targets if targets.exists() else None, name=name)
+    return load_specimen_from_meshes(
+        files, targets if targets.exists() else None, name=name, frame=frame, units=units
+    )
