@@ -31,7 +31,7 @@ frame of the files:
   :data:`PACKAGE_FRAME_TOLERANCE_DEG` and :data:`PACKAGE_FRAME_TOLERANCE_MM` of the files'
   own frame, the files are taken to be in the package frame (identity, vertices untouched:
   the specimens written by ``end2reg synth`` load bit-identical, their derived frame is
-  within about 2 deg / 1.5 mm of the generator's); otherwise as ``"user"``. A model with a
+  within 1 deg / 1.3 mm of the generator's); otherwise as ``"user"``. A model with a
   single level is taken as ``"package"``.
 
 Units (``units=``): ``"mm"`` (default; a mesh whose largest extent is below 1.0 is rejected
