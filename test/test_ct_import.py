@@ -104,6 +104,20 @@ def known():
             for v in spec.vertebrae if v.level in ("L2", "L3", "L4")}
 
 
+@pytest.fixture(scope="module")
+def l3_entry_lps():
+    spec = generate_specimen(5, "ct")
+    return transform_points(LPS_FROM_SPINE, spec.vertebrae[2].targets["pedicle_entry_left"][None])[0]
+
+
+def _plan_csv(path, entry):
+    target = entry + [0.0, -40.0, 0.0]  # 40 mm anterior (LPS/RAS: y is P or A, both sagittal)
+    path.write_text("name,level,entry_x,entry_y,entry_z,target_x,target_y,target_z\n"
+                    f"L3_left,L3,{entry[0]},{entry[1]},{entry[2]},"
+                    f"{target[0]},{target[1]},{target[2]}\n")
+    return path
+
+
 def _affine(known, spacing, axes: str, oblique_deg: float):
     """RAS-from-ijk affine whose voxel axes run along RAS or LPS (then tilted), centred on
     the known meshes, with a non-trivial origin; and the volume shape."""
@@ -129,7 +143,7 @@ def _affine(known, spacing, axes: str, oblique_deg: float):
     ],
 )
 def test_import_recovers_known_meshes_within_a_voxel(
-    known, tmp_path, spacing, axes, oblique_deg, fmt, frame
+    known, l3_entry_lps, tmp_path, spacing, axes, oblique_deg, fmt, frame
 ):
     spacing = np.asarray(spacing)
     affine, shape = _affine(known, spacing, axes, oblique_deg)
@@ -143,14 +157,23 @@ def test_import_recovers_known_meshes_within_a_voxel(
     else:
         nib.save(nib.Nifti1Image(labels, affine), str(path))
     messages = []
+    to_frame = np.eye(4) if frame == "lps" else LPS_FROM_RAS  # RAS = diag(-1,-1,1) LPS too
+    plan = _plan_csv(tmp_path / "plan.csv", transform_points(to_frame, l3_entry_lps[None])[0])
     out = import_ct(path, tmp_path / "model", VERSE, frame=frame, skip_missing=True,
-                    progress=messages.append)
+                    progress=messages.append, plan_path=plan)
     assert any("missing: L1, L5" in m for m in messages)
+    assert any("spine frame derived" in m for m in messages)
+    assert (out / "plan.csv").read_text() == plan.read_text()
+    if fmt == "nrrd":  # once: a plan in the other convention (RAS numbers for LPS meshes)
+        wrong = _plan_csv(tmp_path / "wrong.csv",
+                          transform_points(LPS_FROM_RAS @ to_frame, l3_entry_lps[None])[0])
+        with pytest.raises(ValueError, match="LPS vs RAS"):
+            import_ct(path, tmp_path / "model2", VERSE, frame=frame, skip_missing=True,
+                      progress=None, plan_path=wrong)
     info = json.loads((out / "ct_import.json").read_text())
     assert info["frame"] == frame.upper() and info["units"] == "mm"
     model = load_specimen(out, frame="package")  # the files as written, scanner frame
     assert model.levels == ["L2", "L3", "L4"]
-    to_frame = np.eye(4) if frame == "lps" else LPS_FROM_RAS  # RAS = diag(-1,-1,1) LPS too
     voxel = float(spacing.min())  # the smallest voxel dimension (0.6 mm for 0.6x0.6x2)
     centroids = {lv: transform_points(to_frame, v).mean(0) for lv, (v, _) in known.items()}
     for vertebra in model.vertebrae:

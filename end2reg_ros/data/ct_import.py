@@ -292,9 +292,18 @@ def import_ct(
     smoothing: int = DEFAULT_SMOOTHING,
     skip_missing: bool = False,
     progress: Callable[[str], None] | None = print,
+    plan_path: str | Path | None = None,
 ) -> Path:
-    """Label map file -> model folder (module docstring). Returns the folder."""
-    from end2reg_ros.data.specimen_io import save_specimen
+    """Label map file -> model folder (module docstring). Returns the folder.
+
+    Afterwards the folder is loaded as the node will load it, and the derived spine frame is
+    reported (or a warning when it cannot be derived). With ``plan_path`` the plan is
+    validated against the meshes (levels present, entry points on their vertebra, same
+    frame) and copied into the folder as ``plan.csv``/``plan.json``."""
+    import shutil
+
+    from end2reg_ros.data.specimen_io import load_specimen, save_specimen
+    from end2reg_ros.plan import read_plan
 
     say = progress or (lambda _msg: None)
     label_map = read_label_map(labels_path)
@@ -319,6 +328,28 @@ def import_ct(
         "smoothing_iterations": smoothing,
     }
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    try:
+        model = load_specimen(out_dir, frame="user")
+    except ValueError as exc:
+        model = None
+        say(f"WARNING: the spine frame cannot be derived from these meshes ({exc})")
+    else:
+        origin = model.user_from_spine[:3, 3]
+        caudal, posterior = model.user_from_spine[:3, 1], model.user_from_spine[:3, 2]
+        say(f"spine frame derived: origin {np.round(origin, 1).tolist()} mm, caudal axis "
+            f"{np.round(caudal, 3).tolist()}, posterior axis {np.round(posterior, 3).tolist()} "
+            f"({frame.upper()})")
+    if plan_path is not None:
+        plan = read_plan(plan_path)
+        if model is None:
+            model = load_specimen(out_dir, frame="package")
+        plan.check_levels(model.levels)
+        plan.check_near_model(model)
+        target = out_dir / f"plan{Path(plan_path).suffix.lower()}"
+        if Path(plan_path).resolve() != target.resolve():
+            shutil.copyfile(plan_path, target)
+        say(f"plan: {len(plan)} trajectories ({', '.join(plan.names)}) checked against the "
+            f"meshes and copied to {target}")
     say(f"wrote {', '.join(specimen.levels)} to {out_dir} in {frame.upper()} scanner "
         "coordinates (mm); give the plan in the same frame")
     return out_dir
@@ -343,6 +374,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Taubin smoothing iterations (0: none)")
     parser.add_argument("--skip-missing", action="store_true",
                         help="import the levels that have voxels instead of failing")
+    parser.add_argument("--plan", metavar="PLAN",
+                        help="plan.csv/plan.json in the same frame (mm): check it against the "
+                             "meshes and copy it into the model folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -355,7 +389,8 @@ def run(args: argparse.Namespace) -> int:
         if args.triangles < 100:
             raise ValueError("--triangles must be at least 100")
         import_ct(args.labels, args.out, mapping, args.frame, args.triangles, args.smoothing,
-                  args.skip_missing, progress=lambda m: print(m, flush=True))
+                  args.skip_missing, progress=lambda m: print(m, flush=True),
+                  plan_path=args.plan)
     except ValueError as exc:
         print(f"end2reg import-ct: error: {exc}", file=sys.stderr)
         return 2
