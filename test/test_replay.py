@@ -122,3 +122,82 @@ def test_replay_rejects_a_directory_that_is_not_a_bag(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "end2reg_ros.cli", "replay", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "not a rosbag2 bag directory" in proc.stderr
+
+
+def test_unmatched_subscribers_lists_topics_until_every_listed_subscriber_matched():
+    from end2reg_ros.ros.replay import unmatched_subscribers
+
+    class Pub:
+        def __init__(self, topic, matched):
+            self.topic_name, self.matched = topic, matched
+
+        def get_subscription_count(self):
+            return self.matched
+
+    class Graph:
+        listed = {"/c": 2, "/d": 1, "/i": 0}
+
+        def count_subscribers(self, topic):
+            return self.listed[topic]
+
+    # /c: the graph knows two subscribers, one matched; /i: nobody yet
+    waiting = unmatched_subscribers(Graph(), [Pub("/c", 1), Pub("/d", 1), Pub("/i", 0)])
+    assert waiting == ["/c (matched 1 of 2)", "/i (matched 0 of 1)"]
+    assert unmatched_subscribers(Graph(), [Pub("/c", 2), Pub("/d", 1)]) == []
+
+
+@requires_rclpy
+def test_replay_waits_for_all_three_input_subscriptions_before_the_first_frame(
+    ros_env, rclpy_context, tmp_path, python_exe
+):
+    """A subscriber of the colour topic alone does not start the replay (the demo listens to
+    colour itself); once depth and camera_info are subscribed too, the first frame arrives
+    on all three topics."""
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CameraInfo, Image
+
+    from end2reg_ros.data.bag import COLOR_TOPIC, DEPTH_TOPIC, INFO_TOPIC, write_recording
+    from end2reg_ros.ros import conversions as conv
+
+    frames = small_frames(2)
+    bag = tmp_path / "rec"
+    write_recording(bag, frames, specimen_name="tiny")
+    got: dict[str, list] = {"color": [], "depth": [], "info": []}
+    node = Node("replay_wait_listener", context=rclpy_context)
+    reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+    node.create_subscription(Image, COLOR_TOPIC, got["color"].append, reliable)
+    executor = SingleThreadedExecutor(context=rclpy_context)
+    executor.add_node(node)
+    log_path = tmp_path / "replay.log"
+    proc = start_process([python_exe, "-m", "end2reg_ros.cli", "replay", str(bag),
+                          "--wait-for-subscribers", "120"], ros_env, log_path)
+    try:
+        # the replay is up (its publishers match our colour subscription) ...
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline and node.count_publishers(COLOR_TOPIC) == 0:
+            executor.spin_once(timeout_sec=0.05)
+        assert node.count_publishers(COLOR_TOPIC) > 0, log_path.read_text()
+        for _ in range(40):
+            executor.spin_once(timeout_sec=0.05)
+        # ... but holds the frames back while depth and camera_info have no subscriber
+        assert got["color"] == [], log_path.read_text()
+        assert proc.poll() is None, log_path.read_text()
+        node.create_subscription(Image, DEPTH_TOPIC, got["depth"].append, reliable)
+        node.create_subscription(CameraInfo, INFO_TOPIC, got["info"].append, reliable)
+        deadline = time.monotonic() + 60.0
+        while time.monotonic() < deadline and proc.poll() is None:
+            executor.spin_once(timeout_sec=0.05)
+        for _ in range(20):
+            executor.spin_once(timeout_sec=0.05)
+        proc.wait(timeout=30)
+    finally:
+        code = stop_process(proc)
+        executor.shutdown()
+        node.destroy_node()
+    log = log_path.read_text()
+    assert code == 0, log
+    expected = [f.stamp_ns for f in frames]
+    for topic in ("color", "depth", "info"):
+        assert [conv.stamp_to_ns(m.header.stamp) for m in got[topic]] == expected, (topic, log)

@@ -49,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ground-truth", action="store_true",
                         help="also publish /ground_truth/tf and /ground_truth/labels")
     parser.add_argument("--wait-for-subscribers", type=float, default=2.0, metavar="SECONDS",
-                        help="wait up to this long for a subscriber of the colour topic "
-                        "(default 2.0; 0 = start at once)")
+                        help="before the first frame, wait up to this long until the colour, "
+                        "depth and camera_info topics each have a subscriber and every "
+                        "subscriber the ROS graph lists on them has matched (default 2.0; "
+                        "0 = start at once)")
     parser.add_argument("--color-topic", default=COLOR_TOPIC, help="colour topic in the bag")
     parser.add_argument("--depth-topic", default=DEPTH_TOPIC, help="depth topic in the bag")
     parser.add_argument("--info-topic", default=INFO_TOPIC, help="camera_info topic in the bag")
@@ -106,6 +108,34 @@ def _message_class(msgtype: str):
     """``sensor_msgs/msg/Image`` -> the rclpy message class."""
     package, kind, name = msgtype.split("/")
     return getattr(importlib.import_module(f"{package}.{kind}"), name)
+
+
+def unmatched_subscribers(node, publishers) -> list[str]:
+    """Topics among ``publishers`` that have no matched subscription yet, or fewer matched
+    subscriptions than the ROS graph lists on the topic, as 'topic (matched m of n)'."""
+    waiting = []
+    for pub in publishers:
+        matched = pub.get_subscription_count()
+        listed = node.count_subscribers(pub.topic_name)
+        if matched == 0 or matched < listed:
+            waiting.append(f"{pub.topic_name} (matched {matched} of {max(listed, 1)})")
+    return waiting
+
+
+def wait_for_matched_subscribers(node, publishers, timeout: float, context=None) -> list[str]:
+    """Wait (up to ``timeout`` s) until every publisher in ``publishers`` has matched all the
+    subscribers the graph lists on its topic, and at least one: e.g. all three input
+    subscriptions of end2reg_node, which are created together but discovered one by one
+    (the first frame is lost if its colour image goes out before the colour subscription has
+    matched). Returns what is still missing (empty when all matched)."""
+    import rclpy
+
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = unmatched_subscribers(node, publishers)
+        if not waiting or time.monotonic() >= deadline or not rclpy.ok(context=context):
+            return waiting
+        time.sleep(0.05)
 
 
 def replay(
@@ -168,9 +198,14 @@ def replay(
             log.info(f"replaying {bag}: {n_color} frames over {duration_ns * 1e-9:.2f} s "
                      f"at rate {rate}, topics {', '.join(sorted(pubs))}")
 
-            deadline = time.monotonic() + wait_for_subscribers
-            while pubs[topics[0]].get_subscription_count() == 0 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            if wait_for_subscribers > 0:
+                waiting = wait_for_matched_subscribers(
+                    node, [pubs[t] for t in topics], wait_for_subscribers, context)
+                if waiting:
+                    log.warning(
+                        f"after {wait_for_subscribers:g} s, not every subscriber has matched "
+                        f"({'; '.join(waiting)}): starting anyway, the first frames may not "
+                        "reach them (a subscriber whose QoS is incompatible never matches)")
             if start_paused:
                 print("paused: press Enter to start", flush=True)
                 sys.stdin.readline()
