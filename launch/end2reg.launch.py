@@ -12,7 +12,14 @@ Other arguments: ``config_file`` (default: the installed config/end2reg.yaml),
 ``camera`` (start realsense2_camera for a D405 with ``align_depth.enable:=true
 enable_sync:=true``, topics ``/camera/camera/...`` as the node expects), ``rviz`` (start
 RViz with rviz/end2reg.rviz), ``use_sim_time`` (for bag replays with ``--clock``),
-``log_level``.
+``log_level``, ``fastdds_profile``.
+
+``fastdds_profile`` (default: the installed config/fastdds_shm.xml, a Fast DDS profile with a
+shared-memory segment large enough for camera images; empty = none) is set as the default
+Fast DDS profile of every process this launch starts (the camera driver, which sends the
+images, included), unless FASTDDS_DEFAULT_PROFILES_FILE / FASTRTPS_DEFAULT_PROFILES_FILE is
+already set in the environment. The node's input QoS is reliable by default (what
+realsense2_camera publishes); for a best-effort driver pass ``reliability:=best_effort``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,12 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, OpaqueFunction
+from launch.actions import (
+    DeclareLaunchArgument,
+    IncludeLaunchDescription,
+    OpaqueFunction,
+    SetEnvironmentVariable,
+)
 from launch.conditions import IfCondition
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
@@ -35,6 +47,18 @@ PACKAGE = "end2reg_ros"
 
 def _share(*parts: str) -> str:
     return os.path.join(get_package_share_directory(PACKAGE), *parts)
+
+
+def _fastdds_profile(context, *args, **kwargs):
+    """Make ``fastdds_profile`` the default Fast DDS profile of the processes started after
+    this action, unless the environment already names one (see end2reg_ros/ros/dds.py)."""
+    from end2reg_ros.ros.dds import profile_env_updates
+
+    profile = LaunchConfiguration("fastdds_profile").perform(context)
+    if profile and not os.path.isfile(profile):
+        raise RuntimeError(f"fastdds_profile:={profile!r} does not exist")
+    return [SetEnvironmentVariable(name, value)
+            for name, value in profile_env_updates(context.environment, profile).items()]
 
 
 def _node(context, *args, **kwargs):
@@ -73,6 +97,10 @@ def generate_launch_description() -> LaunchDescription:
                               description="use /clock (bag replay with --clock)"),
         DeclareLaunchArgument("log_level", default_value="info",
                               description="log level of end2reg_node"),
+        DeclareLaunchArgument("fastdds_profile",
+                              default_value=_share("config", "fastdds_shm.xml"),
+                              description="Fast DDS profile for the processes started here "
+                              "(large shared-memory segment for images); empty = none"),
     ]
     declared += [
         DeclareLaunchArgument(name, default_value="", description=description)
@@ -101,4 +129,5 @@ def generate_launch_description() -> LaunchDescription:
         condition=IfCondition(LaunchConfiguration("rviz")),
         output="log",
     )
-    return LaunchDescription([*declared, camera, OpaqueFunction(function=_node), rviz])
+    return LaunchDescription([*declared, OpaqueFunction(function=_fastdds_profile), camera,
+                              OpaqueFunction(function=_node), rviz])

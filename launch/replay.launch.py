@@ -12,7 +12,8 @@ backwards jump of /clock at a loop resets the node's stamp-order check) and RViz
 
 Without rosbag2 (a PyPI-only set-up), ``end2reg replay BAG --clock`` publishes the same.
 Node parameters can be passed as launch arguments as in end2reg.launch.py (method,
-device, specimen_dir, ...).
+device, specimen_dir, ...). ``fastdds_profile`` (default config/fastdds_shm.xml) is set for
+``ros2 bag play`` (it sends the images) and the node, as in end2reg.launch.py.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from launch.actions import (
     ExecuteProcess,
     IncludeLaunchDescription,
     OpaqueFunction,
+    SetEnvironmentVariable,
 )
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
@@ -49,6 +51,17 @@ def _bag_play(context, *args, **kwargs):
     return [ExecuteProcess(cmd=cmd, output="screen", name="bag_play")]
 
 
+def _fastdds_profile(context, *args, **kwargs):
+    """As in end2reg.launch.py: the profile for every process started after this action."""
+    from end2reg_ros.ros.dds import profile_env_updates
+
+    profile = LaunchConfiguration("fastdds_profile").perform(context)
+    if profile and not os.path.isfile(profile):
+        raise RuntimeError(f"fastdds_profile:={profile!r} does not exist")
+    return [SetEnvironmentVariable(name, value)
+            for name, value in profile_env_updates(context.environment, profile).items()]
+
+
 def generate_launch_description() -> LaunchDescription:
     share = get_package_share_directory(PACKAGE)
     declared = [
@@ -58,6 +71,10 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("delay", default_value="3.0",
                               description="seconds before playback starts (node start-up)"),
         DeclareLaunchArgument("rviz", default_value="true", description="start RViz"),
+        DeclareLaunchArgument("fastdds_profile",
+                              default_value=os.path.join(share, "config", "fastdds_shm.xml"),
+                              description="Fast DDS profile for the processes started here "
+                              "(large shared-memory segment for images); empty = none"),
     ]
     # node parameters pass through to end2reg.launch.py (empty = config file value)
     declared += [
@@ -71,6 +88,8 @@ def generate_launch_description() -> LaunchDescription:
             **passthrough,
             "use_sim_time": "true",
             "rviz": LaunchConfiguration("rviz"),
+            "fastdds_profile": LaunchConfiguration("fastdds_profile"),
         }.items(),
     )
-    return LaunchDescription([*declared, node, OpaqueFunction(function=_bag_play)])
+    return LaunchDescription([*declared, OpaqueFunction(function=_fastdds_profile), node,
+                              OpaqueFunction(function=_bag_play)])
