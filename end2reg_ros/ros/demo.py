@@ -145,10 +145,15 @@ def run(args: argparse.Namespace) -> int:
     truth = {f.stamp_ns: f for f in read_recording(bag)}
     n_frames = len(truth)
 
+    # the Fast DDS profile for large images (config/fastdds_shm.xml), as the launch files
+    # set it, for this process and the two it starts (unless the user has chosen one)
+    from end2reg_ros.ros.dds import with_profile
+
+    os.environ.update(with_profile(os.environ))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the node on its defaults (input QoS included); use_sim_time for the replayed clock
     node_cmd = [sys.executable, "-m", "end2reg_ros.ros.node", "--ros-args",
-                "-p", "use_sim_time:=true", "-p", f"method:={args.method}",
-                "-p", "reliability:=reliable"]
+                "-p", "use_sim_time:=true", "-p", f"method:={args.method}"]
     for item in args.node_param:
         if ":=" not in item:
             print(f"[demo] --node-param expects NAME:=VALUE, got {item!r}", file=sys.stderr)
@@ -219,11 +224,7 @@ def run(args: argparse.Namespace) -> int:
                 while not ready and time.monotonic() < deadline and procs[0].poll() is None:
                     executor.spin_once(timeout_sec=0.1)
                 print(f"[demo] node ready: {ready}")
-                # give DDS discovery time to match the node's input subscriptions: the replay
-                # only waits for *a* colour subscriber, and this process is one already
-                settle = time.monotonic() + 3.0
-                while time.monotonic() < settle:
-                    executor.spin_once(timeout_sec=0.1)
+                # the replay waits until the node's three input subscriptions have matched
         node_proc, replay_proc = procs
         replay_done_at = None
         while time.monotonic() < deadline:
