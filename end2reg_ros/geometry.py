@@ -128,3 +128,10 @@ def random_rotation(rng: np.random.Generator, max_angle_deg: float) -> np.ndarra
     axis = rng.normal(size=3)
     angle = np.radians(rng.uniform(0.0, max_angle_deg))
     return axis_angle_to_matrix(axis, angle)
+
+
+def rotation_vector(rotation: np.ndarray) -> np.ndarray:
+    """Axis times angle (3,) in radians of a 3x3 rotation (inverse of axis_angle_to_matrix)."""
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_matrix(np.asarray(rotation, dtype=float)).as_rotvec()

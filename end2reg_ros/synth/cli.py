@@ -72,6 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="independent",
         help="new viewpoint per frame (training) or a slow drift (replay/demo)",
     )
+    parser.add_argument(
+        "--views",
+        choices=("surgical", "wide"),
+        default="surgical",
+        help="camera placements: surgical (tilt <= 10 deg, L1 towards the image top, spine "
+        "centred) or wide (tilt <= 45 deg, any rotation about the optical axis, 150-600 mm, "
+        "spine anywhere in the central two thirds of the image)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -116,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "occlusion_range": [lo, hi],
         "camera_motion": args.motion,
+        "views": args.views,
     }
     (out / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
     bar = tqdm(total=args.specimens * args.frames, unit="frame", disable=args.no_progress)
@@ -138,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             camera,
             (lo, hi),
             info=infos,
-            views=ViewSampler(motion=args.motion),
+            views=ViewSampler(motion=args.motion, views=args.views),
         )
         write_recording(out / name / "recording", counted(frames), specimen_name=name)
         with open(out / name / "frames.csv", "w", newline="") as fh:

@@ -48,12 +48,16 @@ from end2reg_ros.geometry import (
     invert,
     make_pose,
     random_rotation,
+    rotation_vector,
     weighted_procrustes,
 )
 from end2reg_ros.registration.prior import NOMINAL_CAM_FROM_SPINE_ROTATION
 from end2reg_ros.synth import scene as sc
 from end2reg_ros.synth.sensor import DepthNoiseModel, simulate_color, simulate_depth
 from end2reg_ros.types import LEVELS, Frame, Specimen
+
+#: Viewpoint sets of :class:`ViewSampler` (``end2reg synth --views``).
+VIEW_SETS: tuple[str, ...] = ("surgical", "wide")
 
 #: bumped whenever the rendered data changes in a way that matters for training
 GENERATOR_VERSION = "1.0"
@@ -84,17 +88,39 @@ class FrameInfo:
 
 @dataclass
 class ViewSampler:
-    """Random surgical viewpoints (see module docstring). ``motion``: ``"independent"``
-    (a new viewpoint per frame, for training) or ``"smooth"`` (a slow drift through random
-    key viewpoints every ``key_every`` frames, for replay)."""
+    """Random camera viewpoints (see module docstring).
+
+    ``views``: ``"surgical"`` (the nominal set-up: tilt <= ``max_tilt_deg`` about any axis,
+    aimed within ``max_offset_mm`` of the spine origin, L1 towards the image top) or
+    ``"wide"`` (where a robot arm or a tripod really puts the camera: the optical axis tilted
+    by up to ``wide_max_tilt_deg`` from the spine's posterior axis towards any side, any
+    rotation about the optical axis (0-360 deg), distance uniform in ``wide_distance_mm``, the
+    spine's posterior surface point above its origin anywhere in the central two thirds of
+    the image). ``motion``: ``"independent"`` (a new viewpoint per frame, for training) or
+    ``"smooth"`` (a slow drift through random key viewpoints every ``key_every`` frames, for
+    replay)."""
 
     distance_mm: tuple[float, float] = (200.0, 500.0)  #: triangular distribution, mode 305 mm
     max_tilt_deg: float = 10.0
     max_offset_mm: float = 15.0
     motion: str = "independent"
     key_every: int = 90
+    views: str = "surgical"
+    wide_max_tilt_deg: float = 45.0
+    wide_distance_mm: tuple[float, float] = (150.0, 600.0)
+    #: half field of view tangents (x, y) of the camera the image offsets refer to (D405 640x480)
+    half_fov_tan: tuple[float, float] = (320.0 / 385.0, 240.0 / 385.0)
+    #: the spine point lies within this fraction of the half image from the centre (2/3 of
+    #: the half width = the central two thirds of the image)
+    wide_image_fraction: float = 2.0 / 3.0
+
+    def __post_init__(self) -> None:
+        if self.views not in VIEW_SETS:
+            raise ValueError(f"unknown view set {self.views!r}; choose one of {VIEW_SETS}")
 
     def _key(self, rng: np.random.Generator) -> np.ndarray:
+        if self.views == "wide":
+            return self._wide_key(rng)
         axis = rng.normal(size=3)
         axis /= np.linalg.norm(axis)
         rotvec = axis * np.radians(rng.uniform(0.0, self.max_tilt_deg))
@@ -104,6 +130,27 @@ class ViewSampler:
         # triangular, mode at 35 % of the range: most frames at 250-400 mm, some up to 500
         dist = rng.triangular(lo, lo + 0.35 * (hi - lo), hi) if hi > lo else lo
         return np.array([*rotvec, off * np.cos(ang), off * np.sin(ang), dist])
+
+    def _wide_key(self, rng: np.random.Generator) -> np.ndarray:
+        """Tilt towards a random side, a random roll about the optical axis, an image offset."""
+        azimuth = rng.uniform(0.0, 2 * np.pi)
+        tilt = np.radians(rng.uniform(0.0, self.wide_max_tilt_deg))
+        tilt_axis = np.array([np.cos(azimuth), np.sin(azimuth), 0.0])  # in the image plane
+        roll = rng.uniform(0.0, 2 * np.pi)
+        rot = axis_angle_to_matrix(np.array([0.0, 0.0, 1.0]), roll) @ axis_angle_to_matrix(
+            tilt_axis, tilt
+        )
+        rotvec = rotation_vector(rot)
+        lo, hi = self.wide_distance_mm
+        dist = rng.uniform(lo, hi)
+        # where the spine point appears, in camera x/y (mm at the aimed distance)
+        frac = rng.uniform(-self.wide_image_fraction, self.wide_image_fraction, size=2)
+        lateral_cam = frac * np.asarray(self.half_fov_tan) * dist
+        # aim (ox, oy) in the spine x-y plane so that the spine point sits at that offset:
+        # cam(p0) - cam(aim) = R (p0 - aim), p0 - aim = (-ox, -oy, 0)
+        full = rot @ NOMINAL_CAM_FROM_SPINE_ROTATION
+        ox, oy = -np.linalg.solve(full[:2, :2], lateral_cam)
+        return np.array([*rotvec, ox, oy, dist])
 
     def parameters(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """(n, 6) rows: rotation vector (3, rad), offset x, y (mm), distance (mm)."""
