@@ -194,6 +194,7 @@ class Trainer:
         cache_dir: str | Path | None = None,
         val_cache_dir: str | Path | None = None,
         show_progress: bool = True,
+        init_weights: str | Path | None = None,
     ) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -237,6 +238,15 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp else None
         last = self.out / "last.pt"
         self._resume_record = None
+        if init_weights and not resume:  # fine-tune: start from released weights
+            from end2reg_ros.model.checkpoint import load_model
+
+            start, start_cfg = load_model(init_weights, expected_method=cfg.method)
+            if start_cfg.to_dict() | {"steps": 0} != cfg.to_dict() | {"steps": 0}:
+                differ = sorted(k for k, v in cfg.to_dict().items()
+                                if start_cfg.to_dict().get(k) != v and k != "steps")
+                print(f"[train] --init-weights: config differs from the weights' in {differ}")
+            self.net.load_state_dict(start.state_dict())
         if resume:
             if not last.exists():
                 raise FileNotFoundError(f"--resume: {last} does not exist")
@@ -464,6 +474,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, default=None, help="override the config's steps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    parser.add_argument("--init-weights", default=None,
+                        help="start from these weights (.safetensors/.pt of the same method): "
+                        "fine-tuning, e.g. on new camera placements")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -479,7 +492,8 @@ def run(args: argparse.Namespace) -> int:
         from end2reg_ros.data.dataset import check_disjoint
 
         check_disjoint(args.data, args.val)
-    trainer = Trainer(cfg, args.data, args.out, args.val, args.device, args.resume, args.cache)
+    trainer = Trainer(cfg, args.data, args.out, args.val, args.device, args.resume, args.cache,
+                      init_weights=args.init_weights)
     metrics = trainer.run()
     if trainer.rank == 0:
         print(json.dumps({"run": str(args.out), "step": trainer.step, **metrics}, indent=1))
