@@ -1,12 +1,22 @@
 """``end2reg evaluate``: run registration methods on recordings and compare them.
 
-For every specimen and frame of a dataset directory (layout of
-:mod:`end2reg_ros.data.dataset`), one coarse initial pose is drawn with
-:meth:`SurgicalSetupPrior.sample_initial` from a generator seeded by (seed, specimen name,
-frame index), so every method starts from the same pose; each method registers the frame;
-the metrics of :mod:`end2reg_ros.metrics` are computed against the recorded ground truth.
-Output: one side-by-side table on stdout, a JSON report, optionally a PNG of the TRE
-distributions. Units: mm, degrees, milliseconds.
+Two initialisations (``--init``):
+
+* ``node`` (default): every method runs inside :class:`end2reg_ros.pipeline.RegistrationPipeline`,
+  the exact code path of the node: global search from the depth image alone (no ground truth
+  anywhere), verification, calibrated confidence and the safety gate with its default limits;
+  tracking between frames only on recordings made with smooth camera motion
+  (``dataset.json`` ``camera_motion: smooth``), else every frame is registered globally.
+  The report gains, per method, what the gate did: ``accepted_rate``, ``false_accept_2mm``
+  (share of accepted frames with TRE > 2 mm), ``accepted_over_5mm`` (count).
+* ``prior`` (an ablation): one coarse initial pose per frame drawn with
+  :meth:`SurgicalSetupPrior.sample_initial` around the ground truth, from a generator seeded
+  by (seed, specimen name, frame index), so every method starts from the same pose. It
+  measures a prior the node does not have; the gate columns are then not reported.
+
+The metrics of :mod:`end2reg_ros.metrics` are computed against the recorded ground truth
+whether or not the gate accepted the frame. Output: one side-by-side table on stdout, a JSON
+report, optionally a PNG of the TRE distributions. Units: mm, degrees, milliseconds.
 
 A method that raises on a frame is counted as a failure (``failures``) and scored at its
 initial pose (it did not improve it).
@@ -46,6 +56,9 @@ TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("wrong_level_rate", "wrong level", "{:.1%}"),
     ("gross_failure_rate", "gross fail >20mm", "{:.1%}"),
     ("runtime_p50_ms", "runtime p50 [ms]", "{:.0f}"),
+    ("accepted_rate", "gate: accepted", "{:.1%}"),
+    ("false_accept_2mm", "gate: accepted >2mm", "{:.1%}"),
+    ("accepted_over_5mm", "gate: accepted >5mm", "{:d}"),
     ("failures", "method errors", "{:d}"),
     ("frames", "frames", "{:d}"),
 )
@@ -91,6 +104,9 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     method_options: dict[str, dict] | None = None,
+    init: str = "node",
+    tracking: bool | None = None,
+    calibration=None,
 ) -> dict:
     """Run ``methods`` (names for :func:`registration.make_method`) on every specimen/frame.
 
@@ -101,8 +117,14 @@ def evaluate(
     per frame: specimen, frame index, stamp, per-target TRE, RMSE, RRE, RTE, wrong level,
     runtime, confidence, failed). ``method_options``: keyword options per method name for
     :func:`registration.make_method` (e.g. ``{"end2reg": {"weights": "run/final.safetensors"}}``).
-    Raises ValueError for frames without ground truth.
+    ``init``: ``node`` or ``prior`` (module docstring). ``tracking``: None = on for
+    smooth-motion recordings only. ``calibration``: passed to the pipeline (None = the
+    bundled calibration, False = uncalibrated, for ``end2reg calibrate``). Per-frame records
+    of ``--init node`` add ``accepted``, ``reason``, ``mode`` and the verification
+    ``features``. Raises ValueError for frames without ground truth.
     """
+    if init not in INIT_MODES:
+        raise ValueError(f"unknown init {init!r}; choose one of {INIT_MODES}")
     from tqdm import tqdm
 
     from end2reg_ros.data.bag import read_recording
@@ -118,31 +140,59 @@ def evaluate(
     prior = SurgicalSetupPrior()
     options = method_options or {}
     built = {name: make_method(name, **options.get(name, {})) for name in methods}
+    smooth = _camera_motion(data_dir) == "smooth"
+    use_tracking = smooth if tracking is None else bool(tracking)
+    accepted: dict[str, list[bool]] = {name: [] for name in methods}
     per_frame: dict[str, list[dict]] = {name: [] for name in methods}
     results: dict[str, list[metrics.FrameMetrics]] = {name: [] for name in methods}
     initial: list[metrics.FrameMetrics] = []
     bar = tqdm(total=sum(counts), desc="evaluate", unit="frame", disable=not progress)
     for rec in recordings:
         specimen = rec.load_specimen()
-        for method in built.values():
-            method.prepare(specimen)
+        pipelines = {}
+        if init == "node":
+            from end2reg_ros.pipeline import PipelineConfig, RegistrationPipeline
+
+            pipelines = {
+                name: RegistrationPipeline(method, specimen, config=PipelineConfig(
+                    tracking=use_tracking), calibration=calibration)
+                for name, method in built.items()
+            }
+        else:
+            for method in built.values():
+                method.prepare(specimen)
         cache: dict = {}
         for index, frame in enumerate(read_recording(rec.bag_dir)):
             if max_frames is not None and index >= max_frames:
                 break
             if frame.cam_from_spine is None:
                 raise ValueError(f"{rec.bag_dir}: frame {index} has no ground truth")
-            init = prior.sample_initial(frame.cam_from_spine, frame_rng(seed, rec.name, index))
-            initial.append(metrics.frame_metrics(init, frame, specimen, _cache=cache))
+            if init == "prior":
+                start_pose = prior.sample_initial(
+                    frame.cam_from_spine, frame_rng(seed, rec.name, index))
+                initial.append(metrics.frame_metrics(start_pose, frame, specimen, _cache=cache))
             for name, method in built.items():
                 failed = False
+                extra: dict = {}
                 start = time.perf_counter()
                 try:
-                    estimate = method.register(frame, init)
-                    pose, confidence = estimate.cam_from_spine, float(estimate.confidence)
+                    if init == "prior":
+                        estimate = method.register(frame, start_pose)
+                        pose, confidence = estimate.cam_from_spine, float(estimate.confidence)
+                    else:
+                        result = pipelines[name].process(frame, now_ns=None)
+                        extra = {"accepted": bool(result.valid), "reason": result.reason,
+                                 "mode": result.mode,
+                                 "features": {k: round(float(v), 5)
+                                              for k, v in result.features.items()}}
+                        accepted[name].append(bool(result.valid))
+                        if result.estimate is None:
+                            raise ValueError(result.reason)
+                        pose, confidence = result.estimate.cam_from_spine, result.confidence
                 except Exception as exc:  # a failing method is scored, not fatal
                     LOGGER.warning("%s failed on %s frame %d: %s", name, rec.name, index, exc)
-                    failed, pose, confidence = True, init, 0.0
+                    failed, confidence = True, 0.0
+                    pose = start_pose if init == "prior" else _UNREGISTERED
                 runtime_ms = (time.perf_counter() - start) * 1e3
                 fm = metrics.frame_metrics(
                     pose, frame, specimen, runtime_ms=runtime_ms, failed=failed, _cache=cache
@@ -162,14 +212,21 @@ def evaluate(
                         "runtime_ms": runtime_ms,
                         "confidence": confidence,
                         "failed": failed,
+                        **extra,
                     }
                 )
             bar.update(1)
     bar.close()
     if not any(results.values()):
         raise ValueError(f"no frames in {data_dir}")
-    return {
+    summaries = {name: metrics.summarize(results[name]) for name in methods}
+    if init == "node":
+        for name in methods:
+            summaries[name].update(gate_summary(per_frame[name]))
+    report = {
         "data_dir": str(Path(data_dir).resolve()),
+        "init": init,
+        "tracking": use_tracking if init == "node" else None,
         "seed": int(seed),
         "max_frames": max_frames,
         "commit": _git_commit(),
@@ -178,10 +235,46 @@ def evaluate(
             "max_rotation_deg": prior.max_rotation_deg,
             "max_translation_mm": prior.max_translation_mm,
         },
-        "methods": {name: metrics.summarize(results[name]) for name in methods},
-        "initial_pose": metrics.summarize(initial),
+        "methods": summaries,
         "per_frame": per_frame,
     }
+    if initial:
+        report["initial_pose"] = metrics.summarize(initial)
+    return report
+
+
+def gate_summary(records: list[dict]) -> dict:
+    """What the gate did over per-frame records with ``accepted`` and ``tre_median_mm``:
+    ``accepted_rate``, ``false_accept_2mm`` (share of the accepted frames whose median TRE
+    exceeds 2 mm; 0 when none was accepted), ``accepted_over_2mm`` and ``accepted_over_5mm``
+    (counts)."""
+    acc = [r for r in records if r.get("accepted")]
+    over2 = sum(1 for r in acc if not r["tre_median_mm"] <= 2.0)
+    over5 = sum(1 for r in acc if not r["tre_median_mm"] <= 5.0)
+    return {
+        "accepted_rate": len(acc) / len(records) if records else 0.0,
+        "false_accept_2mm": over2 / len(acc) if acc else 0.0,
+        "accepted_over_2mm": over2,
+        "accepted_over_5mm": over5,
+        "accepted_tre_median_mm": float(np.median([r["tre_median_mm"] for r in acc]))
+        if acc else float("nan"),
+    }
+
+
+#: Initialisations of ``end2reg evaluate --init``.
+INIT_MODES = ("node", "prior")
+
+#: Pose scored for a frame the pipeline could not register at all (far outside the view).
+_UNREGISTERED = np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 1e4], [0, 0, 0, 1.0]])
+
+
+def _camera_motion(data_dir: str | Path) -> str | None:
+    """``camera_motion`` of the dataset's ``dataset.json`` (None when absent)."""
+    path = Path(data_dir) / "dataset.json"
+    try:
+        return json.loads(path.read_text()).get("camera_motion")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def format_table(report: dict) -> str:
@@ -246,7 +339,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--report", required=True, type=Path, help="JSON report to write")
     parser.add_argument("--max-frames", type=int, default=None, help="frames per specimen")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial poses")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial poses (--init prior)")
+    parser.add_argument("--init", choices=INIT_MODES, default="node",
+                        help="node: the node's own path (global search from the depth image, "
+                        "verification, gate); prior: ground truth perturbed within the "
+                        "surgical prior (ablation)")
+    parser.add_argument("--tracking", choices=("auto", "on", "off"), default="auto",
+                        help="--init node: track between frames (auto: on for smooth-motion "
+                        "recordings)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the TRE distributions")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
@@ -283,6 +383,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         method_options=_method_options(args),
+        init=args.init,
+        tracking=None if args.tracking == "auto" else args.tracking == "on",
     )
     print(format_table(report))
     args.report.parent.mkdir(parents=True, exist_ok=True)

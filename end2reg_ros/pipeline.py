@@ -1,0 +1,447 @@
+"""The per-frame registration logic of the node, ROS-free: frame in, pose + verdict out.
+
+One code path for the node, ``end2reg evaluate --init node``, the demo and the benchmarks,
+so that what the evaluation measures is what the robot gets.
+
+State: the last verified pose (``cam_from_spine``, spine frame -> optical frame, mm), its
+stamp, the velocity between the last two verified poses, and the mode:
+
+* ``global`` (first frame, after a refused frame while tracking, after the spine was lost):
+  :func:`~end2reg_ros.registration.global_init.global_hypotheses` proposes the best distinct
+  initial poses with no assumption on the camera placement; the registration method (End2Reg)
+  refines each; the depth check (:mod:`~end2reg_ros.registration.depth_check`) of each
+  refined pose picks one;
+* ``tracking`` (``config.tracking``, after a verified pose): the pose predicted from the
+  last two verified poses seeds a point-to-plane ICP on the scene points that lie on the part
+  of the model the learned segmentation selected in the last global registration (the
+  learned mask carried over to the model surface); verified every frame like a global result.
+
+Every result passes the same verification: depth consistency of the posed model with the
+frame (agreement, free-space violations), the registration's own fit, and in global mode the
+margin over the runner-up hypothesis. :class:`ConfidenceModel` turns these features into
+``confidence``, a calibrated probability that the target registration error is below 2 mm
+(logistic regression fitted on validation specimens only, ``end2reg calibrate``). Then the
+:class:`~end2reg_ros.safety.SafetyGate` decides: only a pose that passes is published.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from end2reg_ros.geometry import invert, transform_points
+from end2reg_ros.registration.depth_check import (
+    DepthAgreement,
+    SurfaceSamples,
+    depth_agreement,
+    surface_samples,
+)
+from end2reg_ros.registration.global_init import GlobalSearchConfig, propose_initial_poses
+from end2reg_ros.safety import SafetyGate, SafetyLimits
+from end2reg_ros.types import Frame, RegistrationEstimate, RegistrationMethod, Specimen
+
+#: Default calibration of the confidence (fitted by ``end2reg calibrate``).
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "weights" / "confidence_calibration.json"
+
+MODES = ("global", "tracking")
+
+#: Features of the verification, in the order of the calibration's coefficients.
+FEATURES = (
+    "agree",  # fraction of checked model points whose depth agrees within 2.5 mm
+    "violate",  # fraction seen through (observed > 6 mm behind the model surface)
+    "occluded",  # fraction hidden behind something nearer
+    "min_vertebra_agree",  # smallest per-vertebra agreement (0 if none is checked)
+    "log_checked",  # log10 of the number of checked model points
+    "fit_inliers",  # method's inlier fraction (its own confidence)
+    "residual_mm",  # RMS residual of the used scene points
+    "margin",  # verification score of the chosen pose minus the runner-up's (global)
+    "support",  # hypotheses that converged to the chosen pose / hypotheses tried
+    "motion_mm",  # distance of the result from the predicted pose (tracking), else 0
+)
+
+
+def posterior_surface_height(specimen: Specimen) -> tuple[float, str]:
+    """Spine-frame z (mm) of the exposed posterior surface, and how it was obtained.
+
+    Ray casting from above (``synth.anatomy.posterior_surface_height_mm``, the same
+    definition the synthetic scenes use); if that is unavailable (no open3d), the 90th
+    percentile of the vertices' z.
+    """
+    try:
+        from end2reg_ros.synth.anatomy import posterior_surface_height_mm
+
+        return float(posterior_surface_height_mm(specimen)), "ray casting"
+    except Exception:  # noqa: BLE001 - any failure falls back to the percentile
+        z = np.concatenate([v.vertices[:, 2] for v in specimen.vertebrae])
+        return float(np.percentile(z, 90.0)), "90th percentile of vertex z"
+
+
+@dataclass
+class ConfidenceModel:
+    """Logistic model ``P(TRE < 2 mm | features)``, one coefficient set per mode.
+
+    ``coef[mode]``: intercept followed by one weight per :data:`FEATURES` entry, applied to
+    standardised features ``(x - mean[mode]) / scale[mode]``. ``source``: provenance text.
+    """
+
+    coef: dict[str, list[float]]
+    mean: dict[str, list[float]]
+    scale: dict[str, list[float]]
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def probability(self, features: dict[str, float], mode: str) -> float:
+        if mode not in self.coef:  # a mode without its own coefficients uses global's
+            mode = "global"
+        x = np.array([_finite(features.get(name, 0.0)) for name in FEATURES])
+        z = (x - np.asarray(self.mean[mode])) / np.asarray(self.scale[mode])
+        w = np.asarray(self.coef[mode])
+        logit = float(w[0] + z @ w[1:])
+        return 1.0 / (1.0 + math.exp(-max(min(logit, 50.0), -50.0)))
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_CALIBRATION) -> ConfidenceModel:
+        """Read a calibration JSON; ValueError with the reason for a malformed file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            model = cls(data["coef"], data["mean"], data["scale"], data.get("source", ""),
+                        data.get("extra", {}))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"cannot read the confidence calibration {path}: {err}") from err
+        if data.get("features") != list(FEATURES):
+            raise ValueError(f"{path}: calibrated for features {data.get('features')}, "
+                             f"this version uses {list(FEATURES)}")
+        for mode in model.coef:
+            if not (len(model.coef[mode]) == len(FEATURES) + 1
+                    and len(model.mean[mode]) == len(FEATURES) == len(model.scale[mode])):
+                raise ValueError(f"{path}: wrong number of coefficients for mode {mode}")
+        return model
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({
+            "features": list(FEATURES), "coef": self.coef, "mean": self.mean,
+            "scale": self.scale, "source": self.source, "extra": self.extra,
+        }, indent=1) + "\n")
+
+
+def _finite(value: float) -> float:
+    value = float(value)
+    return value if math.isfinite(value) else 0.0
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Behaviour of :class:`RegistrationPipeline` (mm, seconds)."""
+
+    #: follow a verified pose from frame to frame (cheap ICP) instead of registering anew
+    tracking: bool = True
+    #: tracking: ICP correspondence distances, coarse to fine (mm) and iterations per distance
+    track_icp_distances_mm: tuple[float, ...] = (6.0, 3.0)
+    track_icp_iterations: int = 15
+    #: tracking: most scene points in the ICP
+    track_max_points: int = 1500
+    #: tracking: back-projection stride (pixels)
+    track_stride: int = 2
+    #: tracking: a predicted pose older than this falls back to global registration (s)
+    track_max_gap_s: float = 0.5
+    #: refined hypotheses closer than this (mm, at the target points) support each other
+    same_pose_mm: float = 5.0
+    global_search: GlobalSearchConfig = GlobalSearchConfig()
+    #: verification: depth agreement / violation thresholds (mm)
+    agree_mm: float = 2.5
+    violate_mm: float = 6.0
+
+
+@dataclass
+class PipelineResult:
+    """Outcome of one frame: the estimate (None when nothing could be registered), the gate's
+    verdict and reason, the mode that produced it, the calibrated ``confidence``, the
+    verification ``features`` and the wall time per stage (ms)."""
+
+    estimate: RegistrationEstimate | None
+    valid: bool
+    reason: str
+    mode: str
+    confidence: float
+    features: dict[str, float]
+    stage_ms: dict[str, float]
+    hypotheses: int = 0
+
+
+class RegistrationPipeline:
+    """Global registration, tracking, verification and the safety gate for one specimen."""
+
+    def __init__(
+        self,
+        method: RegistrationMethod,
+        specimen: Specimen,
+        limits: SafetyLimits | None = None,
+        config: PipelineConfig | None = None,
+        calibration: ConfidenceModel | str | Path | bool | None = None,
+        surface_height_mm: float | None = None,
+    ) -> None:
+        self.method = method
+        self.specimen = specimen
+        self.config = config or PipelineConfig()
+        self.gate = SafetyGate(limits or SafetyLimits())
+        if calibration is None or isinstance(calibration, (str, Path)) and calibration is not False:
+            calibration = ConfidenceModel.load(calibration or DEFAULT_CALIBRATION)
+        #: False: uncalibrated (``confidence`` = the method's inlier fraction; for collecting
+        #: calibration data only, never for a robot)
+        self.calibration = calibration
+        if surface_height_mm is None:
+            surface_height_mm, _ = posterior_surface_height(specimen)
+        self.surface_height_mm = float(surface_height_mm)
+        self.surface_point = np.array([0.0, 0.0, self.surface_height_mm])
+        method.prepare(specimen)
+        self.surface: SurfaceSamples = surface_samples(specimen, count=6000, seed=0)
+        self.search_surface = self._posterior_pool()
+        targets, _ = specimen.target_points()
+        self._targets = targets
+        self._dense, self._dense_normals = self._dense_surface()
+        self._dense_tree = cKDTree(self._dense)
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget the tracked pose, the learned region and the gate's last stamp."""
+        self.last_pose: np.ndarray | None = None
+        self.last_stamp_ns: int | None = None
+        self.velocity: np.ndarray | None = None  # pose(t) @ inv(pose(t-1)), per frame gap
+        self.velocity_dt_ns: int | None = None
+        self.track_region: cKDTree | None = None
+        self.gate.reset()
+
+    @property
+    def mode(self) -> str:
+        """The mode the next frame will be registered in."""
+        return "tracking" if self.config.tracking and self.last_pose is not None else "global"
+
+    # ------------------------------------------------------------------ model samples
+    def _posterior_pool(self) -> SurfaceSamples:
+        """Model points seen from the posterior side: what the global search scores."""
+        from end2reg_ros.model.preprocess import prepare_model_cloud
+
+        cloud = prepare_model_cloud(self.specimen, 4096, True, seed=0)
+        return SurfaceSamples(cloud.points, cloud.normals,
+                              np.zeros(len(cloud.points), np.int32), ("spine",))
+
+    def _dense_surface(self) -> tuple[np.ndarray, np.ndarray]:
+        model = getattr(self.method, "model", None)
+        if model is not None and getattr(model, "dense_points", None) is not None:
+            return np.asarray(model.dense_points), np.asarray(model.dense_normals)
+        dense = surface_samples(self.specimen, count=20000, seed=1)
+        return dense.points, dense.normals
+
+    # ------------------------------------------------------------------ per frame
+    def process(self, frame: Frame, now_ns: int | None = None) -> PipelineResult:
+        """Register one frame, verify it and run the gate. Never raises for bad frames: a
+        frame that cannot be registered is a refused result with the reason."""
+        stamp_ok, reason = self.gate.check_stamp(frame.stamp_ns)
+        if not stamp_ok:
+            return PipelineResult(None, False, f"input rejected: {reason}", self.mode, 0.0, {}, {})
+        mode = self.mode
+        if mode == "tracking" and self.last_stamp_ns is not None:
+            gap_s = (frame.stamp_ns - self.last_stamp_ns) * 1e-9
+            if gap_s > self.config.track_max_gap_s:
+                mode = "global"
+        stages: dict[str, float] = {}
+        try:
+            if mode == "tracking":
+                estimate, features = self._track(frame, stages)
+                if estimate is None:  # the spine left the view: search globally now
+                    mode = "global"
+            if mode == "global":
+                estimate, features = self._global(frame, stages)
+        except ValueError as err:  # frames the search cannot use (no depth, ...)
+            self.gate.mark_processed(frame.stamp_ns)
+            self._lose()
+            return PipelineResult(None, False, f"cannot register: {err}", mode, 0.0, {}, stages)
+        t0 = time.perf_counter()
+        if self.calibration is False:
+            confidence = float(features.get("fit_inliers", 0.0))
+        else:
+            confidence = self.calibration.probability(features, mode)
+        estimate.confidence = confidence
+        valid, reason = self.gate.check(
+            estimate.cam_from_spine, confidence, float(estimate.residual_mm),
+            int(estimate.num_points), frame.stamp_ns, now_ns,
+        )
+        stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
+        if valid:
+            self._remember(frame, estimate, mode)
+        else:
+            self._lose()
+        return PipelineResult(estimate, valid, reason, mode, confidence, features, stages,
+                              int(features.get("hypotheses", 0)))
+
+    def _remember(self, frame: Frame, estimate: RegistrationEstimate, mode: str) -> None:
+        pose = estimate.cam_from_spine
+        if self.last_pose is not None and self.last_stamp_ns is not None and mode == "tracking":
+            self.velocity = pose @ invert(self.last_pose)
+            self.velocity_dt_ns = max(frame.stamp_ns - self.last_stamp_ns, 1)
+        else:
+            self.velocity = None
+        self.last_pose = pose.copy()
+        self.last_stamp_ns = frame.stamp_ns
+        if mode == "global":
+            self.track_region = self._learned_region(estimate)
+
+    def _lose(self) -> None:
+        self.last_pose = None
+        self.velocity = None
+
+    # ------------------------------------------------------------------ verification
+    def _verify(self, frame: Frame, pose: np.ndarray) -> DepthAgreement:
+        return depth_agreement(frame.depth_mm, frame.camera, pose, self.surface,
+                               self.config.agree_mm, self.config.violate_mm)
+
+    @staticmethod
+    def _score(check: DepthAgreement) -> float:
+        """Ranking of refined hypotheses: agreement minus (weighted) free-space violations."""
+        return check.agree - 3.0 * check.violate
+
+    def _features(self, check: DepthAgreement, estimate: RegistrationEstimate, margin: float,
+                  support: float, motion_mm: float) -> dict[str, float]:
+        fit = getattr(estimate, "fit_inliers", None)
+        return {
+            "agree": check.agree,
+            "violate": check.violate,
+            "occluded": check.occluded,
+            "min_vertebra_agree": _finite(check.min_vertebra_agree),
+            "log_checked": math.log10(max(check.checked, 1)),
+            "fit_inliers": float(fit if fit is not None else estimate.confidence),
+            "residual_mm": min(_finite(estimate.residual_mm), 20.0) if math.isfinite(
+                estimate.residual_mm) else 20.0,
+            "margin": margin,
+            "support": support,
+            "motion_mm": motion_mm,
+        }
+
+    def _target_distance(self, a: np.ndarray, b: np.ndarray) -> float:
+        if len(self._targets) == 0:
+            return float(np.linalg.norm(a[:3, 3] - b[:3, 3]))
+        return float(np.median(np.linalg.norm(
+            transform_points(a, self._targets) - transform_points(b, self._targets), axis=1)))
+
+    # ------------------------------------------------------------------ global
+    def _global(self, frame: Frame, stages: dict[str, float]):
+        t0 = time.perf_counter()
+        hyps = propose_initial_poses(frame.depth_mm, frame.camera, self.search_surface,
+                                     self.surface_point, self.config.global_search)
+        stages["search"] = (time.perf_counter() - t0) * 1e3
+        if not hyps:
+            raise ValueError("the global search found no hypothesis")
+        refined = []
+        for hyp in hyps:
+            estimate = self.method.register(frame, hyp.cam_from_spine)
+            estimate.fit_inliers = float(estimate.confidence)  # the method's own belief
+            for key, ms in estimate.stage_ms.items():
+                stages[key] = stages.get(key, 0.0) + ms
+            t1 = time.perf_counter()
+            check = self._verify(frame, estimate.cam_from_spine)
+            stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
+            refined.append((self._score(check), estimate, check))
+        refined.sort(key=lambda item: -item[0])
+        best_score, best, check = refined[0]
+        same = [self._target_distance(best.cam_from_spine, e.cam_from_spine)
+                <= self.config.same_pose_mm for _, e, _ in refined]
+        others = [s for (s, _, _), agree in zip(refined, same) if not agree]
+        margin = best_score - (max(others) if others else -1.0)
+        support = sum(same) / len(refined)
+        features = self._features(check, best, margin, support, 0.0)
+        features["hypotheses"] = len(refined)
+        return best, features
+
+    # ------------------------------------------------------------------ tracking
+    def _learned_region(self, estimate: RegistrationEstimate) -> cKDTree | None:
+        """Dense model points (spine frame) near the scene points the segmentation kept."""
+        if estimate.points_cam is None or estimate.point_weight is None:
+            return None
+        kept = estimate.points_cam[np.asarray(estimate.point_weight) > 0.5]
+        if len(kept) < 16:
+            return None
+        in_spine = transform_points(invert(estimate.cam_from_spine), kept)
+        dist, idx = self._dense_tree.query(in_spine, k=1, distance_upper_bound=3.0)
+        idx = np.unique(idx[np.isfinite(dist)])
+        if len(idx) < 16:
+            return None
+        # grow to the dense points around the selected ones (the mask is sparse: 512 samples)
+        near = self._dense_tree.query_ball_point(self._dense[idx], r=4.0)
+        region = np.unique(np.concatenate([np.asarray(n, dtype=np.int64) for n in near]))
+        return cKDTree(self._dense[region])
+
+    def _predicted_pose(self, stamp_ns: int) -> np.ndarray:
+        pose = self.last_pose
+        if self.velocity is None or not self.velocity_dt_ns or self.last_stamp_ns is None:
+            return pose
+        from end2reg_ros.geometry import axis_angle_to_matrix, rotation_vector
+
+        ratio = (stamp_ns - self.last_stamp_ns) / self.velocity_dt_ns
+        ratio = float(np.clip(ratio, 0.0, 3.0))
+        rotvec = rotation_vector(self.velocity[:3, :3]) * ratio
+        angle = float(np.linalg.norm(rotvec))
+        step = np.eye(4)
+        step[:3, :3] = axis_angle_to_matrix(rotvec, angle) if angle > 0 else np.eye(3)
+        # translation of the velocity scaled the same way (small motions: first order)
+        step[:3, 3] = self.velocity[:3, 3] * ratio
+        return step @ pose
+
+    def _track(self, frame: Frame, stages: dict[str, float]):
+        """ICP from the predicted pose on the learned region; (None, {}) when lost."""
+        from end2reg_ros.model.inference import _point_to_plane_icp
+        from end2reg_ros.model.preprocess import crop_scene
+
+        cfg = self.config
+        t0 = time.perf_counter()
+        predicted = self._predicted_pose(frame.stamp_ns)
+        model = getattr(self.method, "model", None)
+        bbox_min = model.bbox_min if model is not None else self._dense.min(axis=0)
+        bbox_max = model.bbox_max if model is not None else self._dense.max(axis=0)
+        points, _, _ = crop_scene(frame, predicted, bbox_min, bbox_max, 10.0, cfg.track_stride)
+        stages["backprojection"] = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
+        if len(points) < 50:
+            return None, {}
+        in_spine = transform_points(invert(predicted), points)
+        region = self.track_region if self.track_region is not None else self._dense_tree
+        dist, _ = region.query(in_spine, k=1, distance_upper_bound=cfg.track_icp_distances_mm[0])
+        source = points[np.isfinite(dist)]
+        if len(source) < 50:
+            return None, {}
+        if len(source) > cfg.track_max_points:
+            rng = np.random.default_rng(frame.stamp_ns % (2**32))
+            source = source[rng.choice(len(source), cfg.track_max_points, replace=False)]
+        spine_from_cam = _point_to_plane_icp(
+            source, self._dense, self._dense_normals, invert(predicted),
+            cfg.track_icp_distances_mm, cfg.track_icp_iterations,
+        )
+        pose = invert(spine_from_cam)
+        d, _ = self._dense_tree.query(transform_points(spine_from_cam, source), k=1,
+                                      distance_upper_bound=10.0)
+        used = d[d < cfg.track_icp_distances_mm[-1]]
+        inliers = float((d < 2.0).mean())
+        stages["refinement"] = (time.perf_counter() - t1) * 1e3
+        t2 = time.perf_counter()
+        check = self._verify(frame, pose)
+        stages["verify"] = (time.perf_counter() - t2) * 1e3
+        estimate = RegistrationEstimate(
+            cam_from_spine=pose,
+            confidence=inliers,
+            residual_mm=float(np.sqrt(np.mean(used**2))) if len(used) else float("inf"),
+            num_points=int(len(used)),
+            stage_ms={},
+            points_cam=source.astype(np.float32),
+            point_weight=np.ones(len(source), np.float32),
+        )
+        estimate.fit_inliers = inliers
+        motion = self._target_distance(pose, predicted)
+        features = self._features(check, estimate, 0.0, 1.0, motion)
+        return estimate, features

@@ -1,0 +1,138 @@
+"""Depth consistency of a posed preoperative model with one depth image (ROS-free, numpy).
+
+The check the node's gate and the global search share: place the model's surface points
+(spine frame, mm, with outward normals) in the optical frame under a pose, keep those whose
+normal faces the camera and that project into the image onto a valid depth pixel, and
+compare the predicted depth ``z_pred`` with the observed depth ``z_obs`` of that pixel::
+
+    r = z_obs - z_pred          (mm, along the optical axis)
+
+* ``|r| <= agree_mm``: the camera sees the model surface where the pose puts it (agreement);
+* ``r > violate_mm``: the camera sees *through* where the bone should be (free-space
+  violation, impossible for a correct pose: nothing can lie behind solid bone and be seen);
+* ``r < -violate_mm``: something lies in front of the bone (hand, instrument, tissue,
+  another part of the spine): no evidence either way.
+
+Back-face culling approximates visibility; self-occlusion by the posterior elements makes
+hidden points look "occluded", which counts as no evidence, never against the pose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from end2reg_ros.camera import CameraIntrinsics
+
+
+@dataclass
+class SurfaceSamples:
+    """Model surface points (P, 3) and unit outward normals (P, 3) in the spine frame (mm),
+    and the index (P,) of the vertebra each point belongs to (into ``levels``)."""
+
+    points: np.ndarray
+    normals: np.ndarray
+    vertebra: np.ndarray
+    levels: tuple[str, ...]
+
+
+def surface_samples(specimen, count: int = 6000, seed: int = 0) -> SurfaceSamples:
+    """Area-uniform samples of every vertebra mesh of ``specimen`` (deterministic in seed)."""
+    from end2reg_ros.model.preprocess import sample_mesh_surface
+
+    rng = np.random.default_rng(seed)
+    areas = []
+    for v in specimen.vertebrae:
+        tri = np.asarray(v.vertices, dtype=float)[np.asarray(v.faces, dtype=np.int64)]
+        areas.append(np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum())
+    areas = np.asarray(areas)
+    counts = np.maximum(16, np.round(count * areas / areas.sum()).astype(int))
+    points, normals, index = [], [], []
+    for i, (v, n) in enumerate(zip(specimen.vertebrae, counts)):
+        p, nrm = sample_mesh_surface(v.vertices, v.faces, int(n), rng)
+        points.append(p)
+        normals.append(nrm)
+        index.append(np.full(len(p), i, dtype=np.int32))
+    return SurfaceSamples(
+        np.concatenate(points).astype(np.float32),
+        np.concatenate(normals).astype(np.float32),
+        np.concatenate(index),
+        tuple(v.level for v in specimen.vertebrae),
+    )
+
+
+def depth_residuals(
+    depth_mm: np.ndarray, camera: CameraIntrinsics, points_cam: np.ndarray
+) -> np.ndarray:
+    """``z_obs - z_pred`` (..., P) for optical-frame points (..., P, 3) in mm; NaN where the
+    point is behind the camera, projects outside the image or lands on a pixel without depth."""
+    z = points_cam[..., 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.rint(camera.fx * points_cam[..., 0] / z + camera.cx)
+        v = np.rint(camera.fy * points_cam[..., 1] / z + camera.cy)
+    inside = (z > 1.0) & (u >= 0) & (u < camera.width) & (v >= 0) & (v < camera.height)
+    ui = np.where(inside, u, 0).astype(np.int64)
+    vi = np.where(inside, v, 0).astype(np.int64)
+    obs = np.asarray(depth_mm, dtype=np.float32)[vi, ui]
+    valid = inside & np.isfinite(obs) & (obs > 0)
+    return np.where(valid, obs - z, np.nan)
+
+
+@dataclass
+class DepthAgreement:
+    """Depth evidence for one pose. Fractions are of the checked points (in the image, facing
+    the camera, on a valid depth pixel); ``checked`` their number. ``vertebra_agree``: per
+    level, the agreement fraction of that vertebra's checked points (NaN when it has fewer
+    than ``min_vertebra_points``); ``min_vertebra_agree`` the smallest of the finite ones
+    (NaN if none)."""
+
+    agree: float
+    violate: float
+    occluded: float
+    checked: int
+    vertebra_agree: dict[str, float]
+    min_vertebra_agree: float
+    median_abs_agree_mm: float
+
+
+def depth_agreement(
+    depth_mm: np.ndarray,
+    camera: CameraIntrinsics,
+    cam_from_spine: np.ndarray,
+    surface: SurfaceSamples,
+    agree_mm: float = 2.5,
+    violate_mm: float = 6.0,
+    min_vertebra_points: int = 30,
+) -> DepthAgreement:
+    """Depth consistency of ``surface`` posed by ``cam_from_spine`` (mm) in one depth image."""
+    pose = np.asarray(cam_from_spine, dtype=np.float64)
+    rot, trans = pose[:3, :3], pose[:3, 3]
+    pts = surface.points @ rot.T + trans
+    nrm = surface.normals @ rot.T
+    facing = np.einsum("ij,ij->i", nrm, -pts) > 0.0
+    res = depth_residuals(depth_mm, camera, pts)
+    checked = facing & np.isfinite(res)
+    r = res[checked]
+    n = int(checked.sum())
+    if n == 0:
+        nan = float("nan")
+        return DepthAgreement(0.0, 0.0, 0.0, 0, {lv: nan for lv in surface.levels}, nan, nan)
+    agree_mask = np.abs(r) <= agree_mm
+    per_level: dict[str, float] = {}
+    vert = surface.vertebra[checked]
+    for i, level in enumerate(surface.levels):
+        sel = vert == i
+        per_level[level] = (
+            float(agree_mask[sel].mean()) if sel.sum() >= min_vertebra_points else float("nan")
+        )
+    finite = [v for v in per_level.values() if np.isfinite(v)]
+    return DepthAgreement(
+        agree=float(agree_mask.mean()),
+        violate=float((r > violate_mm).mean()),
+        occluded=float((r < -violate_mm).mean()),
+        checked=n,
+        vertebra_agree=per_level,
+        min_vertebra_agree=float(min(finite)) if finite else float("nan"),
+        median_abs_agree_mm=float(np.median(np.abs(r[agree_mask]))) if agree_mask.any() else float("nan"),
+    )
