@@ -347,6 +347,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking", choices=("auto", "on", "off"), default="auto",
                         help="--init node: track between frames (auto: on for smooth-motion "
                         "recordings)")
+    parser.add_argument("--calibration", default=None, metavar="PATH|none",
+                        help="--init node: confidence calibration JSON (default: the bundled "
+                        "one); none = uncalibrated, to collect data for `end2reg calibrate`")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the TRE distributions")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
@@ -385,6 +388,7 @@ def run(args: argparse.Namespace) -> int:
         method_options=_method_options(args),
         init=args.init,
         tracking=None if args.tracking == "auto" else args.tracking == "on",
+        calibration=False if args.calibration == "none" else args.calibration,
     )
     print(format_table(report))
     args.report.parent.mkdir(parents=True, exist_ok=True)

@@ -143,8 +143,15 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("targets_file", "string", "", "",
               "target points (TRE) of the meshes in mesh_files", _existing_file_or_empty),
     ParamSpec("posterior_surface_height_mm", "double", -1.0, "mm",
-              "spine-frame z of the exposed posterior surface, used for the coarse initial "
-              "pose; < 0 = computed from the model (ray casting from above)", _finite),
+              "spine-frame z of the exposed posterior surface, where the global search anchors "
+              "the model in the exposure; < 0 = computed from the model (ray casting from "
+              "above)", _finite),
+    ParamSpec("tracking", "bool", True, "",
+              "after a verified pose, follow it from frame to frame (ICP on the learned mask, "
+              "verified every frame) instead of a global registration per frame"),
+    ParamSpec("calibration_file", "string", "", "",
+              "confidence calibration JSON (`end2reg calibrate`); empty = the bundled one",
+              _existing_file_or_empty),
     # --- outputs
     ParamSpec("child_frame", "string", "spine", "",
               "tf2 child frame of the registered spine (parent = the input's optical frame)",

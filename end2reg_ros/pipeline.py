@@ -241,9 +241,13 @@ class RegistrationPipeline:
         return dense.points, dense.normals
 
     # ------------------------------------------------------------------ per frame
-    def process(self, frame: Frame, now_ns: int | None = None) -> PipelineResult:
+    def process(self, frame: Frame, now_ns=None) -> PipelineResult:
         """Register one frame, verify it and run the gate. Never raises for bad frames: a
-        frame that cannot be registered is a refused result with the reason."""
+        frame that cannot be registered is a refused result with the reason.
+
+        ``now_ns``: the current time for the gate's age check, in ns: an int, a callable
+        returning one (evaluated at the gate, after registration) or None (no age check).
+        """
         stamp_ok, reason = self.gate.check_stamp(frame.stamp_ns)
         if not stamp_ok:
             return PipelineResult(None, False, f"input rejected: {reason}", self.mode, 0.0, {}, {})
@@ -272,7 +276,7 @@ class RegistrationPipeline:
         estimate.confidence = confidence
         valid, reason = self.gate.check(
             estimate.cam_from_spine, confidence, float(estimate.residual_mm),
-            int(estimate.num_points), frame.stamp_ns, now_ns,
+            int(estimate.num_points), frame.stamp_ns, now_ns() if callable(now_ns) else now_ns,
         )
         stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
         if valid:

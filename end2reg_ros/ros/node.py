@@ -8,8 +8,10 @@ reliable by default (``reliability`` parameter; a best-effort camera driver need
 
 Processing: a worker thread always takes the **latest** complete frame; frames that arrive
 while it is busy replace the waiting one and are counted as dropped (never queued). Per
-frame: input checks -> coarse initial pose from the depth image
-(:func:`~end2reg_ros.registration.prior.coarse_initial_pose`) -> ``method.register`` ->
+frame: input checks -> :class:`end2reg_ros.pipeline.RegistrationPipeline` (the ROS-free
+logic that ``end2reg evaluate --init node`` measures too): global registration from the
+depth image alone (first frame, after a refused frame) or tracking from the last verified
+pose (``tracking``), verification against the depth image, calibrated confidence, and the
 safety gate (:mod:`end2reg_ros.safety`).
 
 Outputs (stamp = the input frame's stamp, frame = the input's optical frame):
@@ -53,11 +55,11 @@ from visualization_msgs.msg import Marker, MarkerArray
 from end2reg_ros import node_params
 from end2reg_ros.camera import CameraIntrinsics
 from end2reg_ros.msg import RegistrationResult, StageLatency, VertebraPose
-from end2reg_ros.registration.prior import coarse_initial_pose
+from end2reg_ros.pipeline import PipelineConfig, RegistrationPipeline, posterior_surface_height
 from end2reg_ros.ros import conversions as conv
 from end2reg_ros.ros.sync import ApproximateTimeSync, SyncMonitor, header_stamp_ns
 from end2reg_ros.ros.tf import TF_STATIC_QOS, TfPublisher
-from end2reg_ros.safety import SafetyGate, SafetyLimits, check_pose
+from end2reg_ros.safety import SafetyLimits, check_pose
 from end2reg_ros.types import Frame, RegistrationEstimate, Specimen
 
 #: Seed and name of the built-in synthetic specimen (the one the demo recording uses).
@@ -124,22 +126,6 @@ def load_preoperative_model(
     return generate_specimen(seed=BUILTIN_SPECIMEN_SEED, name=BUILTIN_SPECIMEN_NAME)
 
 
-def posterior_surface_height(specimen: Specimen) -> tuple[float, str]:
-    """Spine-frame z (mm) of the exposed posterior surface, and how it was obtained.
-
-    Ray casting from above (``synth.anatomy.posterior_surface_height_mm``, the same
-    definition the synthetic scenes use); if that is unavailable (no open3d), the 90th
-    percentile of the vertices' z.
-    """
-    try:
-        from end2reg_ros.synth.anatomy import posterior_surface_height_mm
-
-        return float(posterior_surface_height_mm(specimen)), "ray casting"
-    except Exception:  # noqa: BLE001 - any failure falls back to the percentile
-        z = np.concatenate([v.vertices[:, 2] for v in specimen.vertebrae])
-        return float(np.percentile(z, 90.0)), "90th percentile of vertex z"
-
-
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; others unchanged."""
     if device != "auto":
@@ -185,8 +171,8 @@ class End2RegNode(Node):
         self._last_residual = float("nan")
         self._last_reason = "no frame processed yet"
         self._last_valid = False
+        self._last_mode = "global"
         self._last_diag_time = time.monotonic()
-        self.gate = SafetyGate(self._limits_from(self.p))
         self._rng = np.random.default_rng(0)
 
         # preoperative model and method
@@ -201,7 +187,14 @@ class End2RegNode(Node):
         self.device = None
         self.method = self._make_method()
         t0 = time.perf_counter()
-        self.method.prepare(self.specimen)
+        # the ROS-free per-frame logic: global search, tracking, verification, the gate
+        self.pipeline = RegistrationPipeline(
+            self.method, self.specimen, self._limits_from(self.p),
+            PipelineConfig(tracking=bool(self.p["tracking"])),
+            calibration=self.p["calibration_file"] or None,
+            surface_height_mm=self.surface_height_mm,
+        )
+        self.gate = self.pipeline.gate
         log.info(
             f"specimen {self.specimen.name!r} ({', '.join(self.specimen.levels)}), method "
             f"{self.method_name!r}" + (f" on {self.device}" if self.device else "")
@@ -252,9 +245,9 @@ class End2RegNode(Node):
         )
 
     def _on_time_jump(self, jump) -> None:
-        self.gate.reset()
+        self.pipeline.reset()
         self.get_logger().warning("ROS time jumped backwards or changed source (use_sim_time): "
-                                  "stamp order check reset")
+                                  "stamp order check and tracking reset")
 
     # ------------------------------------------------------------------ parameters
 
@@ -317,7 +310,7 @@ class End2RegNode(Node):
         if errors:
             return SetParametersResult(successful=False, reason="; ".join(errors))
         self.p = new
-        self.gate.limits = self._limits_from(new)
+        self.gate.limits = self._limits_from(new)  # the pipeline's gate
         return SetParametersResult(successful=True)
 
     def _make_method(self):
@@ -516,33 +509,31 @@ class End2RegNode(Node):
             return
         try:
             frame = self._to_frame(color_msg, depth_msg, info_msg)
-            try:
-                init = coarse_initial_pose(frame.depth_mm, frame.camera, self.surface_height_mm)
-            except ValueError as err:
-                raise BadInputError("init", f"cannot initialise: {err}") from err
         except BadInputError as err:
             stages["input"] = 1e3 * (time.perf_counter() - t0)
             self._reject(header, err.key, f"input rejected: {err.reason}", stages)
             return
         stages["input"] = 1e3 * (time.perf_counter() - t0)
 
+        def now() -> int | None:  # use_sim_time and no /clock yet: the age cannot be known
+            ns = self.get_clock().now().nanoseconds
+            return ns if ns != 0 else None
+
         try:
-            estimate = self.method.register(frame, init)
+            outcome = self.pipeline.process(frame, now_ns=now)
         except Exception as err:  # noqa: BLE001 - a failed registration is a gated result
             self.counters.errors += 1
             self._warn("register", f"{self.method_name} failed: {err!r}")
             self._reject(header, "register", f"registration failed: {err}", stages,
                          bad_input=False)
+            self.pipeline.reset()
             return
-        stages.update(estimate.stage_ms)
-
-        now_ns = self.get_clock().now().nanoseconds
-        if now_ns == 0:  # use_sim_time and no /clock yet: the age cannot be known
-            now_ns = None
-        valid, reason = self.gate.check(
-            estimate.cam_from_spine, float(estimate.confidence), float(estimate.residual_mm),
-            int(estimate.num_points), stamp_ns, now_ns,
-        )
+        stages.update(outcome.stage_ms)
+        if outcome.estimate is None:  # nothing to register (no usable depth, ...)
+            self._reject(header, "init", outcome.reason, stages)
+            return
+        estimate, valid, reason = outcome.estimate, outcome.valid, outcome.reason
+        self._last_mode = outcome.mode
         t_pub = time.perf_counter()
         vertebrae = self._vertebra_poses(estimate) if valid else []
         if valid:
@@ -701,6 +692,7 @@ class End2RegNode(Node):
             "last residual (mm)": f"{resid:.2f}",
             "last valid": str(last_valid).lower(),
             "last reason": last_reason,
+            "mode": self._last_mode,
             "sync": "pairing" if period.sets_in else self.sync_monitor.explain(),
             "received (colour, depth, camera_info, total)": ", ".join(
                 str(n) for n in self.sync_monitor.received),

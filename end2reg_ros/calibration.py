@@ -1,0 +1,191 @@
+"""``end2reg calibrate``: fit the node's confidence on validation recordings, choose the gate.
+
+Input: reports of ``end2reg evaluate --init node --calibration none`` on **validation**
+specimens only (never the test sets whose figures are reported). Each per-frame record holds
+the verification features (:data:`end2reg_ros.pipeline.FEATURES`), the mode (global or
+tracking) and the TRE against ground truth.
+
+Fit, per mode: L2-regularised logistic regression of ``TRE < 2 mm`` (median over the target
+points of the frame) on the standardised features (Newton's method, numpy only). A mode with
+too few frames of either outcome borrows the global coefficients.
+
+Gate: the smallest ``min_confidence`` at which the accepted frames of the validation reports
+contain at most ``--max-false-accept`` (share) with TRE > 2 mm and none with TRE > 5 mm;
+printed and written into the calibration file (``extra.recommended_min_confidence``), and
+into the README's table by hand. A reliability diagram (PNG) shows predicted probability
+against the observed share of frames below 2 mm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from end2reg_ros.pipeline import DEFAULT_CALIBRATION, FEATURES, MODES, ConfidenceModel
+
+SUCCESS_MM = 2.0
+GROSS_MM = 5.0
+
+
+def _rows(reports: list[dict], method: str) -> list[dict]:
+    rows = []
+    for report in reports:
+        if report.get("init") != "node":
+            raise ValueError(f"{report.get('data_dir')}: report is --init {report.get('init')}, "
+                             "calibration needs --init node")
+        for rec in report["per_frame"].get(method, []):
+            if rec.get("features"):
+                rows.append(rec)
+    return rows
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 50):
+    """Weights (intercept first) of ``P(y=1) = sigmoid(w0 + x w)`` by Newton's method with an
+    L2 penalty ``l2`` on the non-intercept weights. ``x`` should be standardised."""
+    n, d = x.shape
+    xa = np.concatenate([np.ones((n, 1)), x], axis=1)
+    w = np.zeros(d + 1)
+    reg = np.full(d + 1, l2)
+    reg[0] = 0.0
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(xa @ w, -50, 50)))
+        grad = xa.T @ (p - y) + reg * w
+        hess = (xa * (p * (1 - p))[:, None]).T @ xa + np.diag(reg) + 1e-9 * np.eye(d + 1)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w
+
+
+def fit(rows: list[dict], l2: float = 1.0, source: str = "") -> ConfidenceModel:
+    """A :class:`ConfidenceModel` fitted on per-frame records (see module docstring)."""
+    coef, mean, scale = {}, {}, {}
+    for mode in MODES:
+        sel = [r for r in rows if r.get("mode", "global") == mode]
+        y = np.array([r["tre_median_mm"] < SUCCESS_MM for r in sel], dtype=float)
+        if len(sel) < 20 or y.sum() < 5 or (1 - y).sum() < 5:
+            continue  # too few examples of one outcome: this mode uses global's
+        x = np.array([[float(r["features"].get(f, 0.0)) for f in FEATURES] for r in sel])
+        mu = x.mean(axis=0)
+        sd = x.std(axis=0)
+        sd[sd < 1e-9] = 1.0
+        coef[mode] = fit_logistic((x - mu) / sd, y, l2).tolist()
+        mean[mode], scale[mode] = mu.tolist(), sd.tolist()
+    if "global" not in coef:
+        raise ValueError("too few global-mode frames with both outcomes (< 2 mm and >= 2 mm) "
+                         "to fit the confidence: evaluate more validation frames")
+    return ConfidenceModel(coef, mean, scale, source)
+
+
+def gate_table(probabilities: np.ndarray, tre: np.ndarray) -> list[dict]:
+    """Accepted share, false accepts (> 2 mm) and gross accepts (> 5 mm) per threshold."""
+    table = []
+    for t in np.round(np.arange(0.05, 1.0, 0.05), 2):
+        acc = probabilities >= t
+        n = int(acc.sum())
+        table.append({
+            "min_confidence": float(t),
+            "accepted_rate": n / len(tre) if len(tre) else 0.0,
+            "false_accept_2mm": float((tre[acc] > SUCCESS_MM).mean()) if n else 0.0,
+            "accepted_over_5mm": int((tre[acc] > GROSS_MM).sum()),
+        })
+    return table
+
+
+def choose_threshold(table: list[dict], max_false_accept: float) -> dict:
+    """Smallest threshold meeting the false-accept limits (the highest tried if none does)."""
+    for row in table:
+        if row["false_accept_2mm"] <= max_false_accept and row["accepted_over_5mm"] == 0:
+            return row
+    return table[-1]
+
+
+def reliability_plot(probabilities: np.ndarray, success: np.ndarray, path: Path, title: str):
+    """Reliability diagram: mean predicted probability vs observed success per bin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.linspace(0, 1, 11)
+    which = np.clip(np.digitize(probabilities, edges) - 1, 0, 9)
+    fig, (ax, axh) = plt.subplots(2, 1, figsize=(5.5, 6.5), dpi=110, sharex=True,
+                                  gridspec_kw={"height_ratios": [3, 1]})
+    xs, ys, ns = [], [], []
+    for b in range(10):
+        sel = which == b
+        if sel.any():
+            xs.append(probabilities[sel].mean())
+            ys.append(success[sel].mean())
+            ns.append(int(sel.sum()))
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8, label="perfect calibration")
+    ax.plot(xs, ys, "o-", label="validation frames")
+    for x, y, n in zip(xs, ys, ns):
+        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_ylabel("observed share with TRE < 2 mm")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    axh.hist(probabilities, bins=edges, color="C0", alpha=0.7)
+    axh.set_xlabel("confidence (predicted P(TRE < 2 mm))")
+    axh.set_ylabel("frames")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("reports", nargs="+", type=Path,
+                        help="reports of `end2reg evaluate --init node --calibration none` on "
+                        "validation specimens")
+    parser.add_argument("--method", default="end2reg", help="method whose frames to use")
+    parser.add_argument("--out", type=Path, default=DEFAULT_CALIBRATION,
+                        help="calibration JSON to write (default: the bundled one)")
+    parser.add_argument("--plot", type=Path, default=None, help="reliability diagram PNG")
+    parser.add_argument("--l2", type=float, default=1.0, help="L2 penalty of the fit")
+    parser.add_argument("--max-false-accept", type=float, default=0.005,
+                        help="largest share of accepted frames with TRE > 2 mm (gate choice)")
+
+
+def run(args: argparse.Namespace) -> int:
+    reports = [json.loads(p.read_text()) for p in args.reports]
+    rows = _rows(reports, args.method)
+    if not rows:
+        raise SystemExit(f"no per-frame features for {args.method!r} in the reports")
+    model = fit(rows, args.l2, source=", ".join(str(r.get("data_dir")) for r in reports))
+    probs = np.array([model.probability(r["features"], r.get("mode", "global")) for r in rows])
+    tre = np.array([r["tre_median_mm"] for r in rows])
+    success = (tre < SUCCESS_MM).astype(float)
+    brier = float(np.mean((probs - success) ** 2))
+    table = gate_table(probs, tre)
+    chosen = choose_threshold(table, args.max_false_accept)
+    model.extra = {
+        "frames": len(rows),
+        "modes": {m: sum(1 for r in rows if r.get("mode", "global") == m) for m in MODES},
+        "success_share": float(success.mean()),
+        "brier": brier,
+        "recommended_min_confidence": chosen["min_confidence"],
+        "at_recommended": chosen,
+        "gate_table": table,
+        "max_false_accept": args.max_false_accept,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(args.out)
+    print(f"{len(rows)} validation frames ({model.extra['modes']}), {success.mean():.1%} below "
+          f"2 mm; Brier score {brier:.4f}")
+    print("min_confidence | accepted | accepted >2mm | accepted >5mm")
+    for row in table:
+        mark = " <- recommended" if row is chosen else ""
+        print(f"{row['min_confidence']:14.2f} | {row['accepted_rate']:8.1%} | "
+              f"{row['false_accept_2mm']:13.1%} | {row['accepted_over_5mm']:13d}{mark}")
+    print(f"calibration: {args.out}")
+    if args.plot is not None:
+        reliability_plot(probs, success, args.plot,
+                         f"confidence calibration, {len(rows)} validation frames")
+        print(f"plot: {args.plot}")
+    return 0
