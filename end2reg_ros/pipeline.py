@@ -151,6 +151,11 @@ class PipelineConfig:
     track_stride: int = 2
     #: tracking: a predicted pose older than this falls back to global registration (s)
     track_max_gap_s: float = 0.5
+    #: after the verified pose was lost (spine hidden by a hand, a drape, smoke), frames first
+    #: try to re-acquire it by tracking from the last verified pose, for this long (s); only
+    #: then does the (slower) global search take over. A camera that moved while the spine
+    #: was hidden fails the verification and waits out this window.
+    reacquire_s: float = 3.0
     #: refined hypotheses closer than this (mm, at the target points) support each other
     same_pose_mm: float = 5.0
     global_search: GlobalSearchConfig = GlobalSearchConfig()
@@ -217,6 +222,8 @@ class RegistrationPipeline:
         self.velocity: np.ndarray | None = None  # pose(t) @ inv(pose(t-1)), per frame gap
         self.velocity_dt_ns: int | None = None
         self.track_region: cKDTree | None = None
+        self.anchor_pose: np.ndarray | None = None  # last verified pose, kept while lost
+        self.anchor_stamp_ns: int | None = None
         self.gate.reset()
 
     @property
@@ -252,14 +259,24 @@ class RegistrationPipeline:
         if not stamp_ok:
             return PipelineResult(None, False, f"input rejected: {reason}", self.mode, 0.0, {}, {})
         mode = self.mode
+        reacquiring = False
         if mode == "tracking" and self.last_stamp_ns is not None:
             gap_s = (frame.stamp_ns - self.last_stamp_ns) * 1e-9
             if gap_s > self.config.track_max_gap_s:
                 mode = "global"
+        if mode == "global" and self.config.tracking and self.anchor_pose is not None:
+            since_s = (frame.stamp_ns - self.anchor_stamp_ns) * 1e-9
+            if 0.0 <= since_s <= self.config.reacquire_s:
+                mode, reacquiring = "tracking", True
         stages: dict[str, float] = {}
         try:
             if mode == "tracking":
-                estimate, features = self._track(frame, stages)
+                estimate, features = self._track(frame, stages, reacquiring)
+                if estimate is None and reacquiring:  # nothing where the spine was
+                    self.gate.mark_processed(frame.stamp_ns)
+                    return PipelineResult(None, False, "spine not found where it was last "
+                                          "verified (hidden?): re-acquiring", mode, 0.0, {},
+                                          stages)
                 if estimate is None:  # the spine left the view: search globally now
                     mode = "global"
             if mode == "global":
@@ -295,6 +312,7 @@ class RegistrationPipeline:
             self.velocity = None
         self.last_pose = pose.copy()
         self.last_stamp_ns = frame.stamp_ns
+        self.anchor_pose, self.anchor_stamp_ns = pose.copy(), frame.stamp_ns
         if mode == "global":
             self.track_region = self._learned_region(estimate)
 
@@ -398,14 +416,15 @@ class RegistrationPipeline:
         step[:3, 3] = self.velocity[:3, 3] * ratio
         return step @ pose
 
-    def _track(self, frame: Frame, stages: dict[str, float]):
-        """ICP from the predicted pose on the learned region; (None, {}) when lost."""
+    def _track(self, frame: Frame, stages: dict[str, float], reacquiring: bool = False):
+        """ICP from the predicted pose (or, re-acquiring, from the last verified pose) on
+        the learned region; (None, {}) when there is nothing to align."""
         from end2reg_ros.model.inference import _point_to_plane_icp
         from end2reg_ros.model.preprocess import crop_scene
 
         cfg = self.config
         t0 = time.perf_counter()
-        predicted = self._predicted_pose(frame.stamp_ns)
+        predicted = self.anchor_pose if reacquiring else self._predicted_pose(frame.stamp_ns)
         model = getattr(self.method, "model", None)
         bbox_min = model.bbox_min if model is not None else self._dense.min(axis=0)
         bbox_max = model.bbox_max if model is not None else self._dense.max(axis=0)

@@ -80,6 +80,26 @@ def node(rclpy_context):
         n.destroy_node()
 
 
+def use_method(node, method):
+    """Run ``method`` once per frame in place of the pipeline's search and verification
+    (what is tested here is the node's worker, gate and outputs); the real gate decides."""
+    from end2reg_ros.pipeline import PipelineResult
+
+    node.method = method
+
+    def process(frame, now_ns=None):
+        est = method.register(frame, None)
+        now = now_ns() if callable(now_ns) else now_ns
+        valid, reason = node.pipeline.gate.check(
+            est.cam_from_spine, est.confidence, est.residual_mm, est.num_points,
+            frame.stamp_ns, now)
+        return PipelineResult(est, valid, reason, "global", est.confidence, {},
+                              dict(est.stage_ms))
+
+    node.pipeline.process = process
+    return method
+
+
 def frame_msgs(node, stamp_ns=None):
     from end2reg_ros.ros import conversions as conv
 
@@ -99,8 +119,7 @@ def wait_for(condition, timeout=20.0):
 
 
 def test_worker_takes_the_latest_frame_and_counts_dropped_ones(node):
-    method = ScriptedMethod(block=True)
-    node.method = method
+    method = use_method(node, ScriptedMethod(block=True))
     stamps = []
     msgs, s = frame_msgs(node, 1_000)
     stamps.append(s)
@@ -121,7 +140,7 @@ def test_worker_takes_the_latest_frame_and_counts_dropped_ones(node):
 def test_valid_registration_sends_spine_and_vertebra_frames_with_the_input_stamp(node):
     from end2reg_ros.ros.conversions import stamp_to_ns, transform_to_pose
 
-    node.method = ScriptedMethod()
+    use_method(node, ScriptedMethod())
     msgs, stamp = frame_msgs(node)
     node.process(*msgs)
     assert len(node.sent_tf) == 1
@@ -141,11 +160,11 @@ def test_valid_registration_sends_spine_and_vertebra_frames_with_the_input_stamp
 def test_vertebra_frames_can_be_switched_off_and_are_absent_without_estimates(node):
     from rclpy.parameter import Parameter
 
-    node.method = ScriptedMethod(vertebrae=False)
+    use_method(node, ScriptedMethod(vertebrae=False))
     node.process(*frame_msgs(node)[0])
     assert [t.child_frame_id for t in node.sent_tf[-1]] == ["spine"]
     node.p["publish_vertebra_frames"] = False  # read-only at run time: set directly here
-    node.method = ScriptedMethod(vertebrae=True)
+    use_method(node, ScriptedMethod(vertebrae=True))
     node.process(*frame_msgs(node)[0])
     assert [t.child_frame_id for t in node.sent_tf[-1]] == ["spine"]
     assert node.set_parameters([Parameter("publish_vertebra_frames", value=True)])[0]\
@@ -153,13 +172,13 @@ def test_vertebra_frames_can_be_switched_off_and_are_absent_without_estimates(no
 
 
 def test_gated_or_failed_registration_sends_no_tf_but_an_invalid_result(node):
-    node.method = ScriptedMethod(confidence=0.2)
+    use_method(node, ScriptedMethod(confidence=0.2))
     msgs, stamp = frame_msgs(node)
     node.process(*msgs)
     assert node.sent_tf == []
     result = node.sent_results[-1]
     assert not result.valid and "confidence 0.200 < min_confidence 0.500" in result.reason
-    node.method = ScriptedMethod(fail=True)
+    use_method(node, ScriptedMethod(fail=True))
     node.process(*frame_msgs(node)[0])
     assert node.sent_tf == []
     assert "registration failed: scripted failure" in node.sent_results[-1].reason
@@ -171,7 +190,7 @@ def test_safety_thresholds_change_at_run_time_other_parameters_do_not(node):
 
     ok = node.set_parameters([Parameter("min_confidence", value=0.1)])[0]
     assert ok.successful and node.gate.limits.min_confidence == pytest.approx(0.1)
-    node.method = ScriptedMethod(confidence=0.2)
+    use_method(node, ScriptedMethod(confidence=0.2))
     node.process(*frame_msgs(node)[0])
     assert node.sent_results[-1].valid
     bad = node.set_parameters([Parameter("min_confidence", value=1.5)])[0]
@@ -245,7 +264,7 @@ def test_message_filters_and_tf2_ros_are_used_when_importable(rclpy_context, mon
     calls = {"sent": [], "mf_args": None}
 
     class Subscriber:
-        def __init__(self, node, msg_type, topic, qos_profile=None):
+        def __init__(self, node, msg_type, topic, qos_profile=None, **kwargs):  # kwargs go to create_subscription
             self.callbacks = []
             self.topic = topic
 
@@ -287,7 +306,7 @@ def test_message_filters_and_tf2_ros_are_used_when_importable(rclpy_context, mon
         assert n.sync_backend == "message_filters" and n.tf.backend == "tf2_ros"
         assert calls["mf_args"] == ([n.p["color_topic"], n.p["depth_topic"],
                                      n.p["camera_info_topic"]], 10, pytest.approx(0.01))
-        n.method = ScriptedMethod()
+        use_method(n, ScriptedMethod())
         msgs, stamp = frame_msgs(n)
         for sub, msg in zip(n._mf_subs, msgs):
             sub.signalMessage(msg)
