@@ -4,6 +4,15 @@ Renders one synthetic specimen (640x480 by default, not timed), then registers e
 from a prior initial pose and prints p50/p90 of each stage (back-projection, sampling,
 segmentation, registration, refinement) and of the total, in milliseconds. Two warm-up
 frames are excluded.
+
+``--global N``: also time the node's first-frame registration, i.e. the whole
+:class:`~end2reg_ros.pipeline.RegistrationPipeline` in global mode (global search, the method
+on every hypothesis, depth verification, gate), on N frames of a ``--views wide`` recording
+rendered on the fly (a fresh state before every frame): p50/p95 of the total and the mean
+per stage. ``--tracking N``: time the pipeline's tracking mode on N consecutive frames of a
+smooth surgical recording (after one global registration, not timed): p50/p95 per frame and
+results per second. The pipeline uses the bundled confidence calibration when present,
+else none (the gate then uses the method's inlier fraction). Figures only, no limits.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ import json
 import numpy as np
 
 STAGES = ("backprojection", "sampling", "segmentation", "registration", "refinement")
+#: stages of one pipeline result (``PipelineResult.stage_ms``)
+PIPELINE_STAGES = ("search", *STAGES, "verify")
 WARMUP = 2
 
 
@@ -29,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--global", dest="global_frames", type=int, default=0, metavar="N",
+                        help="also time the pipeline's global (first-frame) registration on N "
+                        "frames of a --views wide recording")
+    parser.add_argument("--tracking", dest="tracking_frames", type=int, default=0, metavar="N",
+                        help="also time the pipeline's tracking mode on N frames of a smooth "
+                        "recording")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +90,76 @@ def run(args: argparse.Namespace) -> int:
         p50, p90 = np.percentile(values, [50, 90])
         summary[s] = {"p50_ms": float(p50), "p90_ms": float(p90)}
         print(f"{s:<16}{p50:>10.1f}{p90:>10.1f}")
+    if args.global_frames > 0 or args.tracking_frames > 0:
+        summary["pipeline"] = _pipeline_figures(args, method, specimen, camera)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(summary, fh, indent=1)
     return 0
+
+
+def _pipeline_figures(args, method, specimen, camera) -> dict:
+    """Time the RegistrationPipeline in global and tracking mode; print and return figures."""
+    import time
+
+    from end2reg_ros.pipeline import DEFAULT_CALIBRATION, RegistrationPipeline
+    from end2reg_ros.synth.generate import ViewSampler, render_frames
+
+    calibration = DEFAULT_CALIBRATION if DEFAULT_CALIBRATION.exists() else False
+    pipeline = RegistrationPipeline(method, specimen, calibration=calibration)
+    print(f"\npipeline (confidence: "
+          f"{DEFAULT_CALIBRATION.name if calibration else 'uncalibrated, inlier fraction'})")
+    out: dict = {}
+    if args.global_frames > 0:
+        rng = np.random.default_rng(args.seed + 1)
+        frames = list(render_frames(specimen, args.global_frames, rng, camera,
+                                    views=ViewSampler(views="wide")))
+        totals, accepted = [], 0
+        stages: dict[str, list[float]] = {s: [] for s in PIPELINE_STAGES}
+        hypotheses = []
+        for frame in frames:
+            pipeline.reset()  # every frame is a first frame
+            t0 = time.perf_counter()
+            result = pipeline.process(frame)
+            totals.append((time.perf_counter() - t0) * 1e3)
+            accepted += int(result.valid)
+            hypotheses.append(result.hypotheses)
+            for s in PIPELINE_STAGES:
+                stages[s].append(result.stage_ms.get(s, 0.0))
+        p50, p95 = np.percentile(totals, [50, 95])
+        print(f"global registration (--views wide, fresh state per frame), {len(frames)} "
+              f"frames, {np.mean(hypotheses):.1f} hypotheses per frame, {accepted} accepted")
+        print(f"{'total':<16}{'p50 ms':>10}{'p95 ms':>10}")
+        print(f"{'':<16}{p50:>10.1f}{p95:>10.1f}")
+        print(f"{'stage':<16}{'mean ms':>10}")
+        for s in PIPELINE_STAGES:
+            print(f"{s:<16}{np.mean(stages[s]):>10.1f}")
+        out["global"] = {"frames": len(frames), "p50_ms": float(p50), "p95_ms": float(p95),
+                         "accepted": accepted, "hypotheses_mean": float(np.mean(hypotheses)),
+                         "stage_mean_ms": {s: float(np.mean(v)) for s, v in stages.items()}}
+    if args.tracking_frames > 0:
+        rng = np.random.default_rng(args.seed + 2)
+        frames = list(render_frames(specimen, args.tracking_frames + 1, rng, camera,
+                                    views=ViewSampler(motion="smooth")))
+        pipeline.reset()
+        pipeline.process(frames[0])  # the global registration tracking starts from (not timed)
+        times, modes = [], []
+        for frame in frames[1:]:
+            t0 = time.perf_counter()
+            result = pipeline.process(frame)
+            times.append((time.perf_counter() - t0) * 1e3)
+            modes.append(result.mode)
+        tracked = [t for t, m in zip(times, modes) if m == "tracking"]
+        print(f"tracking (smooth recording), {len(times)} frames, {len(tracked)} in tracking "
+              "mode")
+        if tracked:
+            p50, p95 = np.percentile(tracked, [50, 95])
+            print(f"{'per frame':<16}{'p50 ms':>10}{'p95 ms':>10}{'results/s':>11}")
+            print(f"{'':<16}{p50:>10.1f}{p95:>10.1f}{1e3 / p50:>11.1f}")
+            out["tracking"] = {"frames": len(times), "tracked": len(tracked),
+                               "p50_ms": float(p50), "p95_ms": float(p95),
+                               "results_per_s": float(1e3 / p50)}
+        else:
+            print("no frame was processed in tracking mode (the first registration was refused)")
+            out["tracking"] = {"frames": len(times), "tracked": 0}
+    return out

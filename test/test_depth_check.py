@@ -1,0 +1,206 @@
+"""Depth consistency of a posed model with a depth image: agreement at the true pose,
+free-space violations for a model placed in front of the observed surface, no evidence
+(occluded) for one placed behind it, and the NaN cases of the residuals."""
+
+from __future__ import annotations
+
+import numpy as np
+import open3d as o3d
+import pytest
+
+from end2reg_ros.camera import CameraIntrinsics
+from end2reg_ros.geometry import make_pose
+from end2reg_ros.model.preprocess import sample_mesh_surface
+from end2reg_ros.registration.depth_check import (
+    SurfaceSamples,
+    depth_agreement,
+    depth_residuals,
+    surface_samples,
+)
+from end2reg_ros.synth.anatomy import box_mesh, generate_specimen
+from end2reg_ros.synth.generate import render_frames
+
+CAMERA = CameraIntrinsics.d405_640x480()
+
+
+def _shifted(pose: np.ndarray, dz_mm: float) -> np.ndarray:
+    """``pose`` moved by ``dz_mm`` along the optical axis (negative: towards the camera)."""
+    out = np.array(pose, dtype=float)
+    out[2, 3] += dz_mm
+    return out
+
+
+def _raycast_depth(meshes, cam_from_model: np.ndarray, camera: CameraIntrinsics) -> np.ndarray:
+    """Depth image (mm, 0 = no hit) of triangle meshes posed in the optical frame."""
+    scene = o3d.t.geometry.RaycastingScene()
+    rot, trans = cam_from_model[:3, :3], cam_from_model[:3, 3]
+    for verts, faces in meshes:
+        posed = (np.asarray(verts) @ rot.T + trans).astype(np.float32)
+        scene.add_triangles(o3d.core.Tensor(posed), o3d.core.Tensor(faces.astype(np.uint32)))
+    u, v = np.meshgrid(np.arange(camera.width), np.arange(camera.height))
+    dirs = np.stack([(u - camera.cx) / camera.fx, (v - camera.cy) / camera.fy, np.ones(u.shape)],
+                    -1).reshape(-1, 3)
+    rays = np.concatenate([np.zeros_like(dirs), dirs], 1).astype(np.float32)
+    t = scene.cast_rays(o3d.core.Tensor(rays))["t_hit"].numpy().reshape(camera.height, camera.width)
+    return np.where(np.isfinite(t), t, 0.0).astype(np.float32)  # direction z = 1: t is depth
+
+
+@pytest.fixture(scope="module")
+def box_scene():
+    """Two outward-wound boxes (two 'levels'), their surface samples, a pose and the depth
+    image of exactly that model: the ideal case of the check."""
+    boxes = [box_mesh(np.array([0.0, -15.0, 0.0]), np.array([20.0, 12.0, 10.0])),
+             box_mesh(np.array([0.0, 15.0, 0.0]), np.array([20.0, 12.0, 10.0]))]
+    rng = np.random.default_rng(0)
+    pts, nrm, idx = [], [], []
+    for i, (v, f) in enumerate(boxes):
+        p, n = sample_mesh_surface(v, f, 1500, rng)
+        pts.append(p)
+        nrm.append(n)
+        idx.append(np.full(len(p), i, np.int32))
+    surface = SurfaceSamples(np.concatenate(pts), np.concatenate(nrm), np.concatenate(idx),
+                             ("A", "B"))
+    tilt = o3d.geometry.get_rotation_matrix_from_xyz([0.35, -0.25, 0.1])
+    pose = make_pose(tilt, [10.0, -5.0, 300.0])
+    return surface, pose, _raycast_depth(boxes, pose, CAMERA)
+
+
+def test_model_rendered_by_itself_agrees_at_its_pose(box_scene):
+    surface, pose, depth = box_scene
+    check = depth_agreement(depth, CAMERA, pose, surface)
+    assert check.checked > 500
+    assert check.agree > 0.95
+    assert check.violate == 0.0
+    assert check.median_abs_agree_mm < 0.5
+    assert set(check.vertebra_agree) == {"A", "B"}
+    assert check.min_vertebra_agree == pytest.approx(min(check.vertebra_agree.values()))
+    assert check.min_vertebra_agree > 0.9
+
+
+def test_model_in_front_of_the_surface_violates_free_space(box_scene):
+    """Model 20 mm nearer the camera than the surface it is compared with: the camera sees
+    the surface 20 mm *behind* where the pose puts solid bone (r = z_obs - z_pred = +20)."""
+    surface, pose, depth = box_scene
+    check = depth_agreement(depth, CAMERA, _shifted(pose, -20.0), surface)
+    assert check.violate > 0.9
+    assert check.agree < 0.05
+
+
+def test_model_behind_the_surface_is_occluded_not_violating(box_scene):
+    """Model 20 mm farther away: something nearer hides it, which is no evidence against."""
+    surface, pose, depth = box_scene
+    check = depth_agreement(depth, CAMERA, _shifted(pose, 20.0), surface)
+    assert check.occluded > 0.9
+    assert check.violate == 0.0
+    assert check.agree < 0.05
+
+
+def test_empty_depth_gives_no_checked_points(box_scene):
+    surface, pose, depth = box_scene
+    check = depth_agreement(np.zeros_like(depth), CAMERA, pose, surface)
+    assert check.checked == 0
+    assert (check.agree, check.violate, check.occluded) == (0.0, 0.0, 0.0)
+    assert np.isnan(check.min_vertebra_agree)
+    assert all(np.isnan(v) for v in check.vertebra_agree.values())
+
+
+def test_level_with_too_few_points_is_nan(box_scene):
+    surface, pose, depth = box_scene
+    check = depth_agreement(depth, CAMERA, pose, surface, min_vertebra_points=10**6)
+    assert all(np.isnan(v) for v in check.vertebra_agree.values())
+    assert np.isnan(check.min_vertebra_agree)
+    assert check.agree > 0.95  # the overall fraction does not depend on it
+
+
+@pytest.fixture(scope="module")
+def specimen_frame():
+    specimen = generate_specimen(3, "depth_check")
+    frame = next(render_frames(specimen, 1, np.random.default_rng(3), occlusion=(0.0, 0.0)))
+    return specimen, surface_samples(specimen, count=6000, seed=0), frame
+
+
+def test_rendered_surgical_frame_true_pose_versus_shifted(specimen_frame):
+    """On a full synthetic frame (tissue, drapes, retractors, sensor noise): almost no
+    free-space violation at the true pose, many once the spine is moved 20 mm towards the
+    camera, none (all occluded) once it is moved 20 mm away."""
+    _, surface, frame = specimen_frame
+    true = depth_agreement(frame.depth_mm, frame.camera, frame.cam_from_spine, surface)
+    near = depth_agreement(frame.depth_mm, frame.camera, _shifted(frame.cam_from_spine, -20.0),
+                           surface)
+    far = depth_agreement(frame.depth_mm, frame.camera, _shifted(frame.cam_from_spine, 20.0),
+                          surface)
+    assert true.checked > 1000
+    assert true.violate < 0.02
+    assert near.violate > 0.3
+    assert near.violate > 20 * true.violate
+    assert far.violate < 0.01 and far.occluded > 0.9
+    assert true.agree > 5 * far.agree
+    assert true.median_abs_agree_mm < 1.5
+
+
+def test_surface_samples_deterministic_and_cover_every_level(specimen_frame):
+    specimen, surface, _ = specimen_frame
+    again = surface_samples(specimen, count=6000, seed=0)
+    np.testing.assert_array_equal(surface.points, again.points)
+    np.testing.assert_array_equal(surface.normals, again.normals)
+    assert surface.levels == tuple(v.level for v in specimen.vertebrae)
+    assert set(np.unique(surface.vertebra)) == set(range(len(specimen.vertebrae)))
+    assert abs(len(surface.points) - 6000) < 50
+    np.testing.assert_allclose(np.linalg.norm(surface.normals, axis=1), 1.0, atol=1e-4)
+    other = surface_samples(specimen, count=6000, seed=1)
+    assert not np.array_equal(surface.points, other.points)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "synth/anatomy.py ellipsoid_mesh/tube_mesh are wound inward (negative signed volume), so "
+    "surface_samples normals point into the bone on most processes and back-face culling keeps "
+    "the hidden side: at the true pose only ~17 % of the visible model points face the camera"))
+def test_visible_points_of_the_synthetic_model_face_the_camera(specimen_frame):
+    """depth_agreement assumes outward normals (CT import guarantees them): the model
+    points on the depth surface of a model-only rendering should mostly face the camera."""
+    specimen, surface, frame = specimen_frame
+    pose = frame.cam_from_spine
+    depth = _raycast_depth([(v.vertices, v.faces) for v in specimen.vertebrae], pose, CAMERA)
+    pts = surface.points @ pose[:3, :3].T + pose[:3, 3]
+    nrm = surface.normals @ pose[:3, :3].T
+    on_surface = np.abs(depth_residuals(depth, CAMERA, pts)) < 0.5
+    facing = np.einsum("ij,ij->i", nrm, -pts) > 0.0
+    assert on_surface.sum() > 300
+    assert facing[on_surface].mean() > 0.8
+
+
+def test_depth_residuals_nan_cases():
+    depth = np.full((CAMERA.height, CAMERA.width), 300.0, np.float32)
+    depth[:, :100] = 0.0  # no data on the left
+    depth[:10, :] = np.nan  # invalid on the top rows
+    f, cx, cy = CAMERA.fx, CAMERA.cx, CAMERA.cy
+
+    def at(u, v, z):  # optical-frame point projecting to pixel (u, v) at depth z
+        return [(u - cx) / f * z, (v - cy) / f * z, z]
+
+    points = np.array([
+        at(320, 240, 290.0),  # valid: observed 300, predicted 290 -> +10
+        at(320, 240, 310.0),  # valid: -10
+        [0.0, 0.0, -200.0],  # behind the camera
+        [0.0, 0.0, 0.5],  # (almost) in the optical centre
+        [0.0, 0.0, 0.0],  # exactly in it: no division warning, NaN
+        at(700, 240, 300.0),  # right of the image
+        at(-5, 240, 300.0),  # left of the image
+        at(320, 500, 300.0),  # below the image
+        at(50, 240, 300.0),  # on a zero-depth pixel
+        at(320, 5, 300.0),  # on a NaN-depth pixel
+    ])
+    with np.errstate(all="raise"):
+        res = depth_residuals(depth, CAMERA, points)
+    assert res.shape == (len(points),)
+    np.testing.assert_allclose(res[:2], [10.0, -10.0], atol=1e-3)
+    assert np.all(np.isnan(res[2:]))
+
+
+def test_depth_residuals_batched_shape():
+    depth = np.full((CAMERA.height, CAMERA.width), 400, np.uint16)  # 16UC1 works as well
+    pts = np.zeros((3, 5, 3))
+    pts[..., 2] = np.arange(1, 6) * 50.0
+    res = depth_residuals(depth, CAMERA, pts)
+    assert res.shape == (3, 5)
+    np.testing.assert_allclose(res[0], 400.0 - np.arange(1, 6) * 50.0)

@@ -1,0 +1,265 @@
+"""Global initial poses: support plane, exposure trough, roll rotations, coarse depth
+scoring of hypotheses, and the pipeline's global registration of a frame whose camera is
+rotated 180 deg about its optical axis (no assumption on the camera placement)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import end2reg_ros.pipeline as pipeline_module
+from end2reg_ros.camera import CameraIntrinsics
+from end2reg_ros.geometry import rotation_angle_deg
+from end2reg_ros.metrics import frame_metrics
+from end2reg_ros.pipeline import RegistrationPipeline
+from end2reg_ros.registration import make_method
+from end2reg_ros.registration.global_init import (
+    GlobalSearchConfig,
+    Hypothesis,
+    candidate_anchors,
+    find_exposure,
+    fit_support_plane,
+    propose_initial_poses,
+    rotation_from_normal_roll,
+    score_hypotheses,
+)
+from end2reg_ros.synth.anatomy import generate_specimen
+from end2reg_ros.synth.generate import SyntheticRenderer, ViewSampler
+
+CAMERA = CameraIntrinsics.d405_640x480()
+#: rotation of 180 deg about the optical axis (applied on the camera side of a pose)
+OPTICAL_180 = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: rotation of 180 deg about the spine's posterior axis (applied on the spine side)
+POSTERIOR_180 = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _angle_between_deg(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip(a @ b / np.linalg.norm(a) / np.linalg.norm(b),
+                                              -1.0, 1.0))))
+
+
+def _plane_depth(normal: np.ndarray, point: np.ndarray, camera: CameraIntrinsics) -> np.ndarray:
+    """Depth image (mm) of the plane through ``point`` with ``normal`` (optical frame)."""
+    u, v = np.meshgrid(np.arange(camera.width), np.arange(camera.height))
+    rays = np.stack([(u - camera.cx) / camera.fx, (v - camera.cy) / camera.fy, np.ones(u.shape)],
+                    -1)
+    return ((normal @ point) / (rays @ normal)).astype(np.float32)  # ray z = 1: t is the depth
+
+
+# ---------------------------------------------------------------------- support plane
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("normal", [[0.25, -0.15, -1.0], [0.0, 0.0, -1.0], [-0.5, 0.3, -1.0]])
+def test_fit_support_plane_recovers_a_tilted_plane(seed, normal):
+    """Tilted plane 350 mm away with noise, holes, a hand in front of it and a trough behind
+    it: normal within 1 deg and oriented towards the camera (RANSAC draws either sign)."""
+    rng = np.random.default_rng(seed)
+    normal = np.asarray(normal) / np.linalg.norm(normal)
+    point = np.array([0.0, 0.0, 350.0])
+    depth = _plane_depth(normal, point, CAMERA)
+    depth += rng.normal(0.0, 0.5, depth.shape).astype(np.float32)
+    depth[300:420, 40:200] = 180.0  # a hand
+    depth[180:300, 260:380] += 30.0  # the exposure
+    depth[::7, ::5] = 0.0  # holes
+    plane = fit_support_plane(depth, CAMERA, rng)
+    assert _angle_between_deg(plane.normal, normal) < 1.0
+    assert plane.normal @ (-point) > 0.0  # towards the camera (the optical centre)
+    assert abs(plane.signed_height(point[None])[0]) < 1.5
+    assert plane.inlier_fraction > 0.6
+    # heights: the camera side is positive, the trough negative
+    assert plane.signed_height(np.zeros((1, 3)))[0] > 300.0
+    assert plane.signed_height((point + 30.0 * np.array([0.0, 0.0, 1.0]))[None])[0] < -20.0
+
+
+def test_fit_support_plane_without_depth_raises():
+    with pytest.raises(ValueError, match="valid depth points"):
+        fit_support_plane(np.zeros((CAMERA.height, CAMERA.width), np.float32), CAMERA,
+                          np.random.default_rng(0))
+
+
+def test_find_exposure_locates_an_elongated_trough():
+    """A 40 x 140 mm trough 25 mm deep, its long side along the image's x axis."""
+    depth = np.full((CAMERA.height, CAMERA.width), 300.0, np.float32)
+    # at 300 mm, 1 px = 300 / 385 mm: 140 mm ~ 180 px, 40 mm ~ 51 px; centre right of centre
+    depth[214:265, 290:470] = 325.0
+    plane = fit_support_plane(depth, CAMERA, np.random.default_rng(0))
+    exposure = find_exposure(depth, CAMERA, plane)
+    assert exposure.found and exposure.pixels >= GlobalSearchConfig().min_trough_pixels
+    assert abs(exposure.axis[0]) > np.cos(np.radians(10.0))  # along x, either sign
+    np.testing.assert_allclose(exposure.axis @ plane.normal, 0.0, atol=1e-6)
+    np.testing.assert_allclose(exposure.cross @ plane.normal, 0.0, atol=1e-6)
+    centre_x = (380 - CAMERA.cx) / CAMERA.fx * 325.0
+    assert abs(exposure.centre[0] - centre_x) < 8.0
+    assert abs(exposure.centre[1] - (239.5 - CAMERA.cy) / CAMERA.fy * 325.0) < 8.0
+    assert abs(exposure.centre[2] - 325.0) < 3.0  # down in the trough
+
+
+def test_flat_frame_has_no_exposure():
+    depth = np.full((CAMERA.height, CAMERA.width), 300.0, np.float32)
+    plane = fit_support_plane(depth, CAMERA, np.random.default_rng(0))
+    exposure = find_exposure(depth, CAMERA, plane)
+    assert not exposure.found
+    anchors = candidate_anchors(exposure, plane, CAMERA, GlobalSearchConfig())
+    assert len(anchors) > 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "global_init.py: the no-trough branches divide the (negative) plane offset by "
+    "max(normal . ray, 1e-3), but the normal points towards the camera so normal . ray < 0: "
+    "t = offset * 1000 puts the fallback anchors and the exposure centre ~300 m behind the "
+    "camera (depth of the fallback grid clamps to 50 mm too)"))
+def test_fallback_anchors_lie_on_the_support_plane():
+    depth = np.full((CAMERA.height, CAMERA.width), 300.0, np.float32)
+    plane = fit_support_plane(depth, CAMERA, np.random.default_rng(0))
+    exposure = find_exposure(depth, CAMERA, plane)
+    anchors = candidate_anchors(exposure, plane, CAMERA, GlobalSearchConfig())
+    np.testing.assert_allclose(anchors[:, 2], 300.0, atol=1.0)
+    np.testing.assert_allclose(exposure.centre, [0.0, 0.0, 300.0], atol=1.0)
+    # a 30 mm grid over 3/4 of the image at 300 mm: far more than a handful of positions
+    assert len(anchors) > 50
+
+
+# ---------------------------------------------------------------------- rotations
+@pytest.mark.parametrize("normal", [
+    [0.0, 0.0, -1.0], [0.3, -0.2, -0.9], [0.0, -0.95, -0.3], [-0.7, 0.1, -0.7]])
+def test_rotation_from_normal_roll_is_proper_with_z_along_normal(normal):
+    normal = np.asarray(normal, float) / np.linalg.norm(normal)
+    rolls = np.radians(np.arange(0.0, 360.0, 30.0))
+    rots = [rotation_from_normal_roll(normal, r) for r in rolls]
+    for rot in rots:
+        np.testing.assert_allclose(rot.T @ rot, np.eye(3), atol=1e-9)
+        assert np.linalg.det(rot) == pytest.approx(1.0, abs=1e-9)
+        np.testing.assert_allclose(rot[:, 2], normal, atol=1e-12)
+    # the roll turns about the normal by exactly that angle
+    for roll, rot in zip(rolls, rots):
+        rel = rot @ rots[0].T
+        np.testing.assert_allclose(rel @ normal, normal, atol=1e-9)
+        expected = np.degrees(roll) if roll <= np.pi else 360.0 - np.degrees(roll)
+        assert rotation_angle_deg(rel) == pytest.approx(expected, abs=1e-4)
+    half = rotation_from_normal_roll(normal, np.pi)
+    np.testing.assert_allclose(half[:, :2], -rots[0][:, :2], atol=1e-9)
+
+
+# ---------------------------------------------------------------------- rendered frames
+@pytest.fixture(scope="module")
+def scene():
+    """Specimen, its renderer and the search's posterior model points (shared by the tests)."""
+    specimen = generate_specimen(5, "global_init")
+    renderer = SyntheticRenderer(specimen, np.random.default_rng(5))
+    method = make_method("end2reg", threads=1)
+    pipeline = RegistrationPipeline(method, specimen, calibration=False)
+    return specimen, renderer, pipeline
+
+
+def _render(renderer, pose, seed, stamp_ns=10**18):
+    rng = np.random.default_rng(seed)
+    frame, _ = renderer.render(pose, renderer.frame_motion(rng), 0.0, rng, stamp_ns=stamp_ns)
+    return frame
+
+
+def _surgical_pose(renderer, seed):
+    views = ViewSampler()
+    return views.cam_from_spine(views.parameters(1, np.random.default_rng(seed))[0],
+                                renderer.scene.surface_height_mm)
+
+
+@pytest.fixture(scope="module")
+def surgical_frame(scene):
+    _, renderer, _ = scene
+    return _render(renderer, _surgical_pose(renderer, 11), 11)
+
+
+@pytest.fixture(scope="module")
+def flipped_frame(scene):
+    """A surgical view whose camera is rotated 180 deg about its optical axis (L1 towards
+    the image bottom): outside the surgical-setup prior."""
+    _, renderer, _ = scene
+    return _render(renderer, OPTICAL_180 @ _surgical_pose(renderer, 12), 12)
+
+
+def test_score_prefers_the_true_pose_over_its_180_deg_turns(scene, surgical_frame):
+    """Same anchor (the posterior surface point where the true pose puts it), three
+    rotations: the truth, turned 180 deg about the optical axis, turned 180 deg about the
+    spine's posterior axis (cranial and caudal swapped)."""
+    _, _, pipeline = scene
+    truth = surgical_frame.cam_from_spine
+    anchor = truth[:3, :3] @ pipeline.surface_point + truth[:3, 3]
+    rotations = np.stack([truth[:3, :3], (OPTICAL_180 @ truth)[:3, :3],
+                          (truth @ POSTERIOR_180)[:3, :3]])
+    scores, offsets = score_hypotheses(surgical_frame.depth_mm, surgical_frame.camera, rotations,
+                                       anchor[None], pipeline.search_surface,
+                                       pipeline.surface_point)
+    assert scores.shape == offsets.shape == (3, 1)
+    assert scores[0, 0] > 1.3 * max(scores[1, 0], scores[2, 0])
+    assert abs(offsets[0, 0]) <= 6.0  # the true depth needs (almost) no slide
+
+
+def test_proposals_include_one_near_the_truth(scene, surgical_frame, flipped_frame):
+    """Some hypothesis within the registration's basin (15 deg, 20 mm at the surface
+    point), in a surgical view and in the same kind of view turned upside down."""
+    _, _, pipeline = scene
+    for frame in (surgical_frame, flipped_frame):
+        hyps = propose_initial_poses(frame.depth_mm, frame.camera, pipeline.search_surface,
+                                     pipeline.surface_point)
+        assert 1 <= len(hyps) <= 6
+        truth = frame.cam_from_spine
+        at_surface = truth[:3, :3] @ pipeline.surface_point + truth[:3, 3]
+        close = [
+            h for h in hyps
+            if rotation_angle_deg(h.cam_from_spine[:3, :3] @ truth[:3, :3].T) < 15.0
+            and np.linalg.norm(h.cam_from_spine[:3, :3] @ pipeline.surface_point
+                               + h.cam_from_spine[:3, 3] - at_surface) < 20.0
+        ]
+        assert close, [(h.roll_deg, h.score) for h in hyps]
+        for h in hyps:  # proper rigid poses
+            rot = h.cam_from_spine[:3, :3]
+            np.testing.assert_allclose(rot.T @ rot, np.eye(3), atol=1e-9)
+            assert np.linalg.det(rot) == pytest.approx(1.0)
+
+
+def test_pipeline_picks_the_true_pose_among_it_and_its_180_deg_turn(
+        scene, surgical_frame, monkeypatch):
+    """Global mode given exactly two hypotheses, the 180-deg-about-the-optical-axis turn of
+    the truth first: the depth check of the refined poses picks the true one."""
+    specimen, _, pipeline = scene
+    truth = surgical_frame.cam_from_spine
+    anchor = truth[:3, :3] @ pipeline.surface_point + truth[:3, 3]
+    turned = OPTICAL_180 @ truth
+    turned[:3, 3] = anchor - turned[:3, :3] @ pipeline.surface_point  # about the spine point
+    hyps = [Hypothesis(turned, 1.0, 180.0, anchor), Hypothesis(truth.copy(), 1.0, 0.0, anchor)]
+    monkeypatch.setattr(pipeline_module, "propose_initial_poses", lambda *a, **k: hyps)
+    pipeline.reset()
+    result = pipeline.process(surgical_frame)
+    assert result.mode == "global" and result.hypotheses == 2
+    assert result.estimate is not None
+    assert frame_metrics(result.estimate.cam_from_spine, surgical_frame,
+                         specimen).tre_median_mm < 2.0
+    assert result.features["margin"] > 0.0
+    assert result.features["support"] == pytest.approx(0.5)
+
+
+def test_pipeline_registers_a_view_rotated_180_deg_about_the_optical_axis(scene, flipped_frame):
+    specimen, _, pipeline = scene
+    pipeline.reset()
+    result = pipeline.process(flipped_frame)
+    assert result.mode == "global"
+    assert result.hypotheses >= 2
+    assert result.estimate is not None
+    tre = frame_metrics(result.estimate.cam_from_spine, flipped_frame, specimen).tre_median_mm
+    assert tre < 2.0, (tre, result.reason)
+    assert result.valid, result.reason
+    for stage in ("search", "registration", "verify"):
+        assert result.stage_ms[stage] > 0.0
+
+
+def test_gate_refuses_a_frame_without_depth(scene, surgical_frame):
+    _, _, pipeline = scene
+    pipeline.reset()
+    blank = dataclasses.replace(surgical_frame, depth_mm=np.zeros_like(surgical_frame.depth_mm))
+    result = pipeline.process(blank)  # must not raise
+    assert not result.valid
+    assert result.estimate is None
+    assert result.mode == "global"
+    assert "depth" in result.reason
+    assert pipeline.mode == "global"
