@@ -149,6 +149,16 @@ def evaluate(
     bar = tqdm(total=sum(counts), desc="evaluate", unit="frame", disable=not progress)
     for rec in recordings:
         specimen = rec.load_specimen()
+        # the pipeline's poses map the derived spine frame; the ground truth maps the model
+        # as stored: score cam_from_user = pose @ inv(user_from_spine) against targets and
+        # model points in the stored frame
+        from end2reg_ros.geometry import invert
+        from end2reg_ros.spine_frame import transform_specimen
+
+        user_from_spine = np.asarray(specimen.user_from_spine, dtype=float)
+        spine_from_user = invert(user_from_spine)
+        scored = specimen if np.allclose(user_from_spine, np.eye(4)) else transform_specimen(
+            specimen, user_from_spine)
         pipelines = {}
         if init == "node":
             from end2reg_ros.pipeline import PipelineConfig, RegistrationPipeline
@@ -170,7 +180,7 @@ def evaluate(
             if init == "prior":
                 start_pose = prior.sample_initial(
                     frame.cam_from_spine, frame_rng(seed, rec.name, index))
-                initial.append(metrics.frame_metrics(start_pose, frame, specimen, _cache=cache))
+                initial.append(metrics.frame_metrics(start_pose, frame, scored, _cache=cache))
             for name, method in built.items():
                 failed = False
                 extra: dict = {}
@@ -195,7 +205,8 @@ def evaluate(
                     pose = start_pose if init == "prior" else _UNREGISTERED
                 runtime_ms = (time.perf_counter() - start) * 1e3
                 fm = metrics.frame_metrics(
-                    pose, frame, specimen, runtime_ms=runtime_ms, failed=failed, _cache=cache
+                    pose if failed and init == "prior" else pose @ spine_from_user, frame, scored,
+                    runtime_ms=runtime_ms, failed=failed, _cache=cache,
                 )
                 results[name].append(fm)
                 per_frame[name].append(

@@ -142,6 +142,23 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "specimen_dir is empty", _existing_files),
     ParamSpec("targets_file", "string", "", "",
               "target points (TRE) of the meshes in mesh_files", _existing_file_or_empty),
+    ParamSpec("model_frame", "string", "auto", "",
+              "frame of the model's meshes: user (any rigid frame, e.g. the CT's LPS/RAS "
+              "scanner coordinates: the spine frame is derived from the anatomy), package "
+              "(already in the package's spine frame, as `end2reg synth` writes) or auto "
+              "(derive it; keep the files' frame when they are in the package frame "
+              "already). Every output (tf child_frame, ~/result, ~/model, the plan) is "
+              "expressed in the meshes' own coordinates",
+              _choice("auto", "package", "user"), choices=("auto", "package", "user")),
+    ParamSpec("model_units", "string", "mm", "",
+              "length unit of the model's mesh files: mm, m or auto (a model smaller than "
+              "1.0 is taken as metres); targets.csv and plan.csv are always mm",
+              _choice("mm", "m", "auto"), choices=("mm", "m", "auto")),
+    ParamSpec("plan_file", "string", "", "",
+              "surgical plan (plan.csv or .json: named entry/target points, mm, in the "
+              "meshes' frame; docs/ct_to_node.md); published on ~/plan/poses, "
+              "~/plan/markers and as tf <child_frame>_<name> for gate-accepted frames "
+              "only; empty = no plan", _existing_file_or_empty),
     ParamSpec("posterior_surface_height_mm", "double", -1.0, "mm",
               "spine-frame z of the exposed posterior surface, where the global search anchors "
               "the model in the exposure; < 0 = computed from the model (ray casting from "

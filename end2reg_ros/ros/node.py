@@ -22,7 +22,18 @@ Outputs (stamp = the input frame's stamp, frame = the input's optical frame):
   and for rejected bad input;
 * ``~/segmentation`` (PointCloud2: x, y, z, rgb, probability) of the points the method used;
 * ``~/model`` (MarkerArray, TRIANGLE_LIST per vertebra in ``child_frame``, transient local);
+* with ``plan_file``: the plan's trajectories (:class:`end2reg_ros.ros.plan_publisher.
+  PlanPublisher`: tf ``<child_frame>_<name>``, ``~/plan/poses``, ``~/plan/markers``), right
+  after the tf of a gate-accepted frame and never for a refused one;
 * ``/diagnostics`` every ``diagnostics_period`` seconds.
+
+Frames: the pipeline works in the package's spine frame, derived from the anatomy
+(``Specimen.user_from_spine`` maps it into the meshes' own coordinates, see
+:mod:`end2reg_ros.data.specimen_io`). Everything the node outputs is in **the user's
+frame**: ``child_frame`` is the frame of the mesh files (e.g. the CT's LPS coordinates), the
+published transform is ``cam_from_user = cam_from_spine @ inv(user_from_spine)`` (metres in
+the messages), ``spine_L1..L5`` likewise, ``~/model`` holds the vertices in the user's
+frame. For models in the package frame ``user_from_spine`` is the identity.
 """
 
 from __future__ import annotations
@@ -54,12 +65,14 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from end2reg_ros import node_params
 from end2reg_ros.camera import CameraIntrinsics
+from end2reg_ros.geometry import invert, transform_points
 from end2reg_ros.msg import RegistrationResult, StageLatency, VertebraPose
 from end2reg_ros.pipeline import PipelineConfig, RegistrationPipeline, posterior_surface_height
 from end2reg_ros.ros import conversions as conv
 from end2reg_ros.ros.sync import ApproximateTimeSync, SyncMonitor, header_stamp_ns
 from end2reg_ros.ros.tf import TF_STATIC_QOS, TfPublisher
 from end2reg_ros.safety import SafetyLimits, check_pose
+from end2reg_ros.spine_frame import frame_offset
 from end2reg_ros.types import Frame, RegistrationEstimate, Specimen
 
 #: Seed and name of the built-in synthetic specimen (the one the demo recording uses).
@@ -102,13 +115,17 @@ class BadInputError(ValueError):
 
 
 def load_preoperative_model(
-    specimen_dir: str, mesh_files: list[str], targets_file: str
+    specimen_dir: str, mesh_files: list[str], targets_file: str,
+    frame: str = "auto", units: str = "mm",
 ) -> Specimen:
-    """The preoperative model selected by the parameters (see ``node_params``).
+    """The preoperative model selected by the parameters (see ``node_params``), in the spine
+    frame with ``user_from_spine`` set.
 
-    ``specimen_dir``: a ``model/`` folder written by ``end2reg synth`` or its parent;
-    ``mesh_files`` (+ ``targets_file``): one mesh per vertebra; neither: the built-in
-    synthetic specimen ``generate_specimen(seed=0, name="builtin")``.
+    ``specimen_dir``: a ``model/`` folder (``end2reg synth``, ``end2reg import-ct``) or its
+    parent; ``mesh_files`` (+ ``targets_file``): one mesh per vertebra; neither: the built-in
+    synthetic specimen ``generate_specimen(seed=0, name="builtin")`` (package frame).
+    ``frame`` (auto|package|user) and ``units`` (mm|m|auto): the ``model_frame`` and
+    ``model_units`` parameters, see :func:`end2reg_ros.data.specimen_io.load_specimen`.
     """
     if specimen_dir:
         from end2reg_ros.data.specimen_io import load_specimen
@@ -116,11 +133,12 @@ def load_preoperative_model(
         path = Path(specimen_dir)
         if (path / "model").is_dir():
             path = path / "model"
-        return load_specimen(path)
+        return load_specimen(path, frame=frame, units=units)
     if mesh_files:
         from end2reg_ros.data.specimen_io import load_specimen_from_meshes
 
-        return load_specimen_from_meshes(mesh_files, targets_file or None)
+        return load_specimen_from_meshes(mesh_files, targets_file or None, frame=frame,
+                                         units=units)
     from end2reg_ros.synth.anatomy import generate_specimen
 
     return generate_specimen(seed=BUILTIN_SPECIMEN_SEED, name=BUILTIN_SPECIMEN_NAME)
@@ -177,8 +195,13 @@ class End2RegNode(Node):
 
         # preoperative model and method
         self.specimen = load_preoperative_model(
-            self.p["specimen_dir"], self.p["mesh_files"], self.p["targets_file"]
+            self.p["specimen_dir"], self.p["mesh_files"], self.p["targets_file"],
+            frame=self.p["model_frame"], units=self.p["model_units"],
         )
+        #: spine (pipeline) frame -> the user's mesh frame (mm); outputs use its inverse
+        self.user_from_spine = np.asarray(self.specimen.user_from_spine, dtype=float)
+        self.spine_from_user = invert(self.user_from_spine)
+        self.plan = self._load_plan(self.p["plan_file"])
         if self.p["posterior_surface_height_mm"] >= 0.0:
             self.surface_height_mm, how = self.p["posterior_surface_height_mm"], "parameter"
         else:
@@ -195,6 +218,7 @@ class End2RegNode(Node):
             surface_height_mm=self.surface_height_mm,
         )
         self.gate = self.pipeline.gate
+        log.info(f"model frame: {self._describe_model_frame()}")
         log.info(
             f"specimen {self.specimen.name!r} ({', '.join(self.specimen.levels)}), method "
             f"{self.method_name!r}" + (f" on {self.device}" if self.device else "")
@@ -208,6 +232,15 @@ class End2RegNode(Node):
         self.model_pub = self.create_publisher(MarkerArray, "~/model", LATCHED_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.tf = TfPublisher(self)
+        self.plan_pub = None
+        if self.plan is not None:
+            from end2reg_ros.ros.plan_publisher import PlanPublisher
+
+            self.plan_pub = PlanPublisher(self, self.plan, self.p["child_frame"],
+                                          user_from_spine=self.user_from_spine, tf=self.tf)
+            log.info(f"plan {self.p['plan_file']}: {len(self.plan)} trajectories "
+                     f"({', '.join(self.plan.names)}), published as tf "
+                     f"{self.p['child_frame']}_<name> and on ~/plan/poses for verified poses")
         self.model_pub.publish(self._model_markers())
 
         # inputs
@@ -243,6 +276,38 @@ class End2RegNode(Node):
             f"{self.sync_backend} sync, slop {self.p['slop']} s); publishing tf "
             f"<optical frame> -> {self.p['child_frame']}"
         )
+
+    def _load_plan(self, path: str):
+        """The plan of ``plan_file`` (None when empty), checked against the model: its levels
+        exist and its entry points lie on their vertebrae (ValueError otherwise, which stops
+        the node with the reason)."""
+        if not path:
+            return None
+        from end2reg_ros.plan import read_plan
+
+        plan = read_plan(path)
+        try:
+            plan.check_levels(self.specimen.levels)
+            plan.check_near_model(self.specimen)
+        except ValueError as err:
+            raise ValueError(
+                f"plan_file does not fit the model ({self._describe_model_frame()}): {err}"
+            ) from err
+        return plan
+
+    def _describe_model_frame(self) -> str:
+        if np.allclose(self.user_from_spine, np.eye(4)):
+            how = "the meshes are in the package's spine frame"
+        else:
+            angle, shift = frame_offset(self.user_from_spine)
+            how = (f"spine frame derived from the anatomy, {angle:.0f} deg / {shift:.0f} mm "
+                   "from the meshes' frame")
+        return (f"model_frame {self.p['model_frame']}, units {self.specimen.user_units}: "
+                f"{how}; {self.p['child_frame']} = the meshes' own coordinates")
+
+    def _to_user(self, cam_from_spine: np.ndarray) -> np.ndarray:
+        """``cam_from_user`` (mm) of a pipeline pose ``cam_from_spine``."""
+        return np.asarray(cam_from_spine, dtype=float) @ self.spine_from_user
 
     def _on_time_jump(self, jump) -> None:
         self.pipeline.reset()
@@ -536,14 +601,17 @@ class End2RegNode(Node):
         self._last_mode = outcome.mode
         t_pub = time.perf_counter()
         vertebrae = self._vertebra_poses(estimate) if valid else []
+        cam_from_user = self._to_user(estimate.cam_from_spine)
         if valid:
             transforms = [conv.pose_to_transform_stamped(
-                estimate.cam_from_spine, stamp_ns, header.frame_id, self.p["child_frame"])]
+                cam_from_user, stamp_ns, header.frame_id, self.p["child_frame"])]
             transforms += [
                 conv.pose_to_transform_stamped(pose, stamp_ns, header.frame_id, child)
                 for _, child, pose in vertebrae
             ]
             self.tf.send(transforms)
+            if self.plan_pub is not None:  # verified poses only
+                self.plan_pub.publish(header, cam_from_user)
         else:
             self._warn("gate", f"registration not published: {reason}")
         if self.cloud_pub.get_subscription_count() > 0:
@@ -551,8 +619,8 @@ class End2RegNode(Node):
         stages["publish"] = 1e3 * (time.perf_counter() - t_pub)
 
         result = self._result(header, stages, valid, "" if valid else reason)
-        result.transform = conv.pose_to_transform(estimate.cam_from_spine) if np.all(
-            np.isfinite(estimate.cam_from_spine)) else result.transform
+        result.transform = conv.pose_to_transform(cam_from_user) if np.all(
+            np.isfinite(cam_from_user)) else result.transform
         result.confidence = float(estimate.confidence)
         result.residual_mm = float(estimate.residual_mm)
         result.num_points = max(int(estimate.num_points), 0)
@@ -578,13 +646,16 @@ class End2RegNode(Node):
             self._last_valid = valid
 
     def _vertebra_poses(self, estimate: RegistrationEstimate) -> list[tuple[str, str, np.ndarray]]:
+        """(level, child frame, ``cam_from_user`` of that vertebra, mm) of the per-vertebra
+        poses that pass the pose checks (made in the spine frame, whose origin is at the
+        bodies, as the gate's)."""
         if not (self.p["publish_vertebra_frames"] and estimate.cam_from_vertebra):
             return []
         out = []
         for level in sorted(estimate.cam_from_vertebra):
             pose = np.asarray(estimate.cam_from_vertebra[level], dtype=float)
             if check_pose(pose, self.gate.limits)[0]:
-                out.append((level, f"{self.p['child_frame']}_{level}", pose))
+                out.append((level, f"{self.p['child_frame']}_{level}", self._to_user(pose)))
         return out
 
     def _result(self, header, stages: dict[str, float], valid: bool, reason: str):
@@ -634,7 +705,8 @@ class End2RegNode(Node):
         return conv.build_pointcloud2(points, rgb, weight, frame.stamp_ns, frame.frame_id)
 
     def _model_markers(self) -> MarkerArray:
-        """The preoperative model, one TRIANGLE_LIST per vertebra in ``child_frame`` (metres)."""
+        """The preoperative model, one TRIANGLE_LIST per vertebra in ``child_frame`` (the
+        user's mesh coordinates, metres)."""
         markers = MarkerArray()
         for i, vertebra in enumerate(self.specimen.vertebrae):
             m = Marker()
@@ -650,7 +722,8 @@ class End2RegNode(Node):
             faces = np.asarray(vertebra.faces)
             if len(faces) > MAX_MODEL_TRIANGLES:  # display only: thin out very fine CT meshes
                 faces = faces[:: int(np.ceil(len(faces) / MAX_MODEL_TRIANGLES))]
-            tri = np.asarray(vertebra.vertices, dtype=float)[faces.reshape(-1)] / 1000.0
+            tri = transform_points(self.user_from_spine, np.asarray(
+                vertebra.vertices, dtype=float)[faces.reshape(-1)]) / conv.MM_PER_M
             m.points = [Point(x=x, y=y, z=z) for x, y, z in tri.tolist()]
             m.frame_locked = True
             markers.markers.append(m)
