@@ -40,6 +40,7 @@ from end2reg_ros.registration.depth_check import (
     DepthAgreement,
     SurfaceSamples,
     depth_agreement,
+    posterior_visible,
     surface_samples,
 )
 from end2reg_ros.registration.global_init import GlobalSearchConfig, propose_initial_poses
@@ -113,15 +114,18 @@ class ConfidenceModel:
             data = json.loads(path.read_text())
             model = cls(data["coef"], data["mean"], data["scale"], data.get("source", ""),
                         data.get("extra", {}))
+            if data.get("features") != list(FEATURES):
+                raise ValueError(f"calibrated for features {data.get('features')}, this "
+                                 f"version uses {list(FEATURES)}")
+            if "global" not in model.coef:
+                raise ValueError("no coefficients for the global mode")
+            for mode in model.coef:
+                sizes = (len(model.coef[mode]), len(model.mean[mode]), len(model.scale[mode]))
+                if sizes != (len(FEATURES) + 1, len(FEATURES), len(FEATURES)):
+                    raise ValueError(f"wrong number of coefficients for mode {mode}: {sizes}")
+                float(sum(model.coef[mode]) + sum(model.mean[mode]) + sum(model.scale[mode]))
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(f"cannot read the confidence calibration {path}: {err}") from err
-        if data.get("features") != list(FEATURES):
-            raise ValueError(f"{path}: calibrated for features {data.get('features')}, "
-                             f"this version uses {list(FEATURES)}")
-        for mode in model.coef:
-            if not (len(model.coef[mode]) == len(FEATURES) + 1
-                    and len(model.mean[mode]) == len(FEATURES) == len(model.scale[mode])):
-                raise ValueError(f"{path}: wrong number of coefficients for mode {mode}")
         return model
 
     def save(self, path: str | Path) -> None:
@@ -196,8 +200,10 @@ class RegistrationPipeline:
         self.specimen = specimen
         self.config = config or PipelineConfig()
         self.gate = SafetyGate(limits or SafetyLimits())
-        if calibration is None or isinstance(calibration, (str, Path)) and calibration is not False:
-            calibration = ConfidenceModel.load(calibration or DEFAULT_CALIBRATION)
+        if calibration is True or calibration is None:
+            calibration = DEFAULT_CALIBRATION
+        if isinstance(calibration, (str, Path)):
+            calibration = ConfidenceModel.load(calibration)
         #: False: uncalibrated (``confidence`` = the method's inlier fraction; for collecting
         #: calibration data only, never for a robot)
         self.calibration = calibration
@@ -228,17 +234,14 @@ class RegistrationPipeline:
 
     @property
     def mode(self) -> str:
-        """The mode the next frame will be registered in."""
+        """``tracking`` while a verified pose is followed, else ``global`` (within
+        ``reacquire_s`` of a loss the next frame first tries to re-acquire by tracking)."""
         return "tracking" if self.config.tracking and self.last_pose is not None else "global"
 
     # ------------------------------------------------------------------ model samples
     def _posterior_pool(self) -> SurfaceSamples:
         """Model points seen from the posterior side: what the global search scores."""
-        from end2reg_ros.model.preprocess import prepare_model_cloud
-
-        cloud = prepare_model_cloud(self.specimen, 4096, True, seed=0)
-        return SurfaceSamples(cloud.points, cloud.normals,
-                              np.zeros(len(cloud.points), np.int32), ("spine",))
+        return posterior_visible(self.surface, self.specimen)
 
     def _dense_surface(self) -> tuple[np.ndarray, np.ndarray]:
         model = getattr(self.method, "model", None)

@@ -28,6 +28,11 @@ if "END2REG_TEST_DOMAIN_ID" not in os.environ:
 os.environ["ROS_DOMAIN_ID"] = os.environ["END2REG_TEST_DOMAIN_ID"]
 os.environ.setdefault("ROS_LOG_DIR", tempfile.mkdtemp(prefix="end2reg-ros-log-"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the same Fast DDS profile the launch files and `end2reg demo` use (shared memory big enough
+# for camera images), for this process and every process a test starts
+from end2reg_ros.ros.dds import with_profile  # noqa: E402
+
+os.environ.update(with_profile(os.environ))
 
 
 def rclpy_available() -> bool:

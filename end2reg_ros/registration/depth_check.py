@@ -37,20 +37,41 @@ class SurfaceSamples:
     levels: tuple[str, ...]
 
 
+def _outward(points: np.ndarray, normals: np.ndarray, vertices: np.ndarray,
+             faces: np.ndarray) -> np.ndarray:
+    """Normals flipped where they point into the solid: a ray from just off the surface
+    along the normal that crosses the mesh an odd number of times started inside. Works
+    whatever the winding of each part (the synthetic vertebrae mix inward-wound parts)."""
+    import open3d as o3d
+
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.core.Tensor(np.asarray(vertices, dtype=np.float32)),
+                        o3d.core.Tensor(np.asarray(faces, dtype=np.uint32)))
+    rays = np.concatenate([points + 0.05 * normals, normals], axis=1).astype(np.float32)
+    count = scene.count_intersections(o3d.core.Tensor(rays)).numpy()
+    return np.where((count % 2 == 1)[:, None], -normals, normals)
+
+
 def surface_samples(specimen, count: int = 6000, seed: int = 0) -> SurfaceSamples:
-    """Area-uniform samples of every vertebra mesh of ``specimen`` (deterministic in seed)."""
+    """Area-uniform samples of every vertebra mesh of ``specimen`` (deterministic in seed),
+    with outward normals whatever the meshes' winding (see :func:`_outward`)."""
     from end2reg_ros.model.preprocess import sample_mesh_surface
 
     rng = np.random.default_rng(seed)
     areas = []
     for v in specimen.vertebrae:
         tri = np.asarray(v.vertices, dtype=float)[np.asarray(v.faces, dtype=np.int64)]
-        areas.append(np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1).sum())
+        areas.append(np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]),
+                                    axis=1).sum())
     areas = np.asarray(areas)
     counts = np.maximum(16, np.round(count * areas / areas.sum()).astype(int))
     points, normals, index = [], [], []
     for i, (v, n) in enumerate(zip(specimen.vertebrae, counts)):
         p, nrm = sample_mesh_surface(v.vertices, v.faces, int(n), rng)
+        try:
+            nrm = _outward(p, nrm, v.vertices, v.faces)
+        except ImportError:  # no open3d: keep the meshes' own winding
+            pass
         points.append(p)
         normals.append(nrm)
         index.append(np.full(len(p), i, dtype=np.int32))
@@ -60,6 +81,28 @@ def surface_samples(specimen, count: int = 6000, seed: int = 0) -> SurfaceSample
         np.concatenate(index),
         tuple(v.level for v in specimen.vertebrae),
     )
+
+
+def posterior_visible(samples: SurfaceSamples, specimen) -> SurfaceSamples:
+    """The samples a camera above a prone patient sees: outward normal towards +z (posterior)
+    and nothing of the model above them (ray towards +z unobstructed)."""
+    import open3d as o3d
+
+    verts = [np.asarray(v.vertices, dtype=np.float32) for v in specimen.vertebrae]
+    offsets = np.cumsum([0] + [len(v) for v in verts[:-1]])
+    faces = np.concatenate([np.asarray(v.faces, dtype=np.int64) + o
+                            for v, o in zip(specimen.vertebrae, offsets)])
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.core.Tensor(np.concatenate(verts)),
+                        o3d.core.Tensor(faces.astype(np.uint32)))
+    origins = samples.points + 0.05 * samples.normals
+    rays = np.concatenate([origins, np.tile([0.0, 0.0, 1.0], (len(origins), 1))], axis=1)
+    hit = scene.test_occlusions(o3d.core.Tensor(rays.astype(np.float32))).numpy()
+    keep = (samples.normals[:, 2] > 0.0) & ~hit
+    if keep.sum() < 64:  # degenerate model orientation: keep everything
+        keep[:] = True
+    return SurfaceSamples(samples.points[keep], samples.normals[keep], samples.vertebra[keep],
+                          samples.levels)
 
 
 def depth_residuals(

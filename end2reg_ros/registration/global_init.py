@@ -171,7 +171,7 @@ def find_exposure(
         return Exposure(centre, axis, np.cross(plane.normal, axis), True, len(trough))
     # no trough: the point of the plane on the optical axis
     ray = np.array([0.0, 0.0, 1.0])
-    t = plane.offset / max(float(plane.normal @ ray), 1e-3)
+    t = plane.offset / min(float(plane.normal @ ray), -1e-3)  # normal faces the camera
     return Exposure(ray * t, e1, e2, False, len(trough))
 
 
@@ -204,7 +204,7 @@ def candidate_anchors(
         a, c = np.meshgrid(along, across, indexing="ij")
         return exposure.centre + a.reshape(-1, 1) * exposure.axis + c.reshape(-1, 1) * exposure.cross
     # a grid of rays through the central image, intersected with the plane
-    depth = max(plane.offset / max(float(plane.normal[2]), 1e-3), 50.0)
+    depth = max(plane.offset / min(float(plane.normal[2]), -1e-3), 50.0)
     half_u = config.fallback_image_fraction * camera.width / 2.0
     half_v = config.fallback_image_fraction * camera.height / 2.0
     step_px = max(4.0, config.fallback_step_mm * camera.fx / depth)
@@ -213,8 +213,8 @@ def candidate_anchors(
     uu, vv = np.meshgrid(us, vs)
     rays = np.stack([(uu.ravel() - camera.cx) / camera.fx, (vv.ravel() - camera.cy) / camera.fy,
                      np.ones(uu.size)], axis=1)
-    t = plane.offset / np.maximum(rays @ plane.normal, 1e-3)
-    return rays * t[:, None]
+    t = plane.offset / np.minimum(rays @ plane.normal, -1e-3)
+    return rays[t > 0] * t[t > 0, None]
 
 
 def score_hypotheses(
