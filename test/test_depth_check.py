@@ -151,10 +151,6 @@ def test_surface_samples_deterministic_and_cover_every_level(specimen_frame):
     assert not np.array_equal(surface.points, other.points)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "synth/anatomy.py ellipsoid_mesh/tube_mesh are wound inward (negative signed volume), so "
-    "surface_samples normals point into the bone on most processes and back-face culling keeps "
-    "the hidden side: at the true pose only ~17 % of the visible model points face the camera"))
 def test_visible_points_of_the_synthetic_model_face_the_camera(specimen_frame):
     """depth_agreement assumes outward normals (CT import guarantees them): the model
     points on the depth surface of a model-only rendering should mostly face the camera."""

@@ -245,10 +245,6 @@ def test_missing_calibration_file_raises_value_error(tmp_path):
         ConfidenceModel.load(tmp_path / "absent.json")
 
 
-@pytest.mark.xfail(strict=True, raises=(KeyError, TypeError), reason=(
-    "pipeline.py ConfidenceModel.load: the per-mode length check runs outside the try block, "
-    "so a mode missing from 'mean'/'scale' raises KeyError and a non-list coefficient entry "
-    "TypeError instead of ValueError"))
 @pytest.mark.parametrize("case", ["mode-missing-in-mean", "coef-not-a-list"])
 def test_calibration_with_inconsistent_modes_raises_value_error(tmp_path, case):
     good = {"features": list(FEATURES), "coef": _model().coef, "mean": _model().mean,
