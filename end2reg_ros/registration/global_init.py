@@ -45,6 +45,8 @@ class GlobalSearchConfig:
     across_offsets_mm: tuple[float, ...] = (-36.0, -24.0, -12.0, 0.0, 12.0, 24.0, 36.0)
     #: a pixel is in the exposure when it lies this far behind the support plane
     trough_depth_mm: float = 8.0
+    #: the anchors' depth: this percentile of the trough pixels' depth behind the plane
+    trough_floor_percentile: float = 75.0
     #: fewest exposure pixels (at stride ``stride``) for the trough to be used
     min_trough_pixels: int = 150
     #: fallback grid over the central part of the image (fraction of the half size; mm step)
@@ -59,7 +61,7 @@ class GlobalSearchConfig:
     violate_mm: float = 10.0
     violate_weight: float = 2.0
     #: depth offsets searched per hypothesis: histogram of residuals in this range (mm)
-    offset_range_mm: float = 50.0
+    offset_range_mm: float = 80.0
     offset_bin_mm: float = 2.0
     #: hypotheses handed to the registration (distinct by roll or position): the full sweep
     #: keeps ``top_k``; :func:`propose_initial_poses` takes ``axis_top_k`` along the exposure
@@ -167,7 +169,8 @@ def find_exposure(
         main = vecs[:, 1]
         axis = main[0] * e1 + main[1] * e2
         axis /= np.linalg.norm(axis)
-        centre = centre + float(np.median(heights)) * plane.normal  # down into the trough
+        # down into the trough: the bone lies near its floor, deeper than most trough pixels
+        centre = centre + float(np.percentile(heights, 100.0 - config.trough_floor_percentile)) * plane.normal
         return Exposure(centre, axis, np.cross(plane.normal, axis), True, len(trough))
     # no trough: the point of the plane on the optical axis
     ray = np.array([0.0, 0.0, 1.0])
