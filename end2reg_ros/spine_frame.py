@@ -18,10 +18,10 @@ Spine frame (millimetres, right-handed):
   spine frame is LPS rotated by -90 deg about L: x = L, y = -S, z = P.)
 
 This is the frame of :mod:`end2reg_ros.synth.anatomy` (origin at the mean body centre,
-L1 -> L5 body chord along +y, posterior +z, x = y x z). Note on names: the synthetic
-generator calls the target at -x ``pedicle_entry_left``; in a right-handed frame with y
-caudal and z posterior, -x is the patient's *right*. The synthetic vertebrae are
-left-right symmetric, so only those two target names are mirrored, not the geometry.
+L1 -> L5 body chord along +y, posterior +z, x = y x z). In a right-handed frame with y
+caudal and z posterior, +x is the patient's *left*; the generator names its targets so
+(specimens written before that was corrected call the -x target ``pedicle_entry_left``;
+their vertebrae are left-right symmetric, so only the two names are mirrored).
 
 How the frame is derived (all from area-weighted triangle centroids, so the result does
 not depend on how finely a mesh is tessellated):

@@ -41,9 +41,9 @@ class Specimen:
     Spine frame (right-handed): y = cranial-to-caudal (L1 towards L5, along the chord of
     the vertebral body centres), z = posterior (towards the camera when the patient lies
     prone), x = y x z, which points to the patient's **left**; origin at the mean of the
-    vertebral body centres. (The synthetic generator names the target at -x
-    ``pedicle_entry_left``, mirrored with respect to a real patient; its vertebrae are
-    left-right symmetric.) See :mod:`end2reg_ros.spine_frame`.
+    vertebral body centres. (Synthetic specimens written before this was corrected name the
+    target at -x ``pedicle_entry_left``, mirrored with respect to a real patient; their
+    vertebrae are left-right symmetric.) See :mod:`end2reg_ros.spine_frame`.
 
     ``user_from_spine`` (4x4, mm): maps spine-frame points into the frame the user gave
     the meshes in (e.g. the CT's LPS coordinates); identity when the meshes were already

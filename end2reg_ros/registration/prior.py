@@ -4,7 +4,7 @@ Setup (posterior approach, patient prone): the camera looks down at the exposed 
 spine from 200-500 mm, the spine's cranio-caudal axis roughly along the image's vertical
 axis (L1 towards the top of the image), the spine roughly centred in the view.
 
-Nominal orientation ``cam_from_spine``: spine x (patient left-right) -> camera -x,
+Nominal orientation ``cam_from_spine``: spine x (towards the patient's left) -> camera -x,
 spine y (cranial-to-caudal) -> camera +y (image down), spine z (posterior) -> camera -z
 (towards the camera). That is a rotation of 180 degrees about the camera's y axis.
 

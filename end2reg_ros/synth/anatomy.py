@@ -1,9 +1,9 @@
 """Procedural lumbar spines (L1-L5) as triangle meshes, in millimetres.
 
 Each vertebra is built in a local frame with its origin at the centre of the vertebral
-body and the axes of the spine (CT) frame (x patient left-to-right, y cranial-to-caudal,
-z posterior), from simple primitives joined by mesh concatenation (the parts overlap;
-raycasting does not need a watertight union):
+body and the axes of the spine (CT) frame (right-handed: y cranial-to-caudal, z posterior,
+x = y x z towards the patient's left), from simple primitives joined by mesh concatenation
+(the parts overlap; raycasting does not need a watertight union):
 
 * vertebral body: elliptic "kidney" cylinder with a slight waist, width 40-50 mm (x),
   depth 30-35 mm (z), height 25-28 mm (y), growing from L1 to L5;
@@ -18,7 +18,7 @@ the chain is re-centred so that the spine-frame origin is the mean of the five b
 and the L1 -> L5 body chord lies along +y.
 
 Per vertebra, TRE targets: ``pedicle_entry_left`` / ``pedicle_entry_right`` (on the
-posterior bone surface above each pedicle axis; patient left is -x) and ``body_centre``.
+posterior bone surface above each pedicle axis; patient left is +x) and ``body_centre``.
 """
 
 from __future__ import annotations
@@ -306,7 +306,8 @@ def _pedicle_entry(
     )
     t = scene.cast_rays(o3d.core.Tensor(rays))["t_hit"].numpy()
     out = {}
-    for name, ray, th in zip(("pedicle_entry_left", "pedicle_entry_right"), rays, t):
+    # x = y (caudal) x z (posterior) points to the patient's left: the ray at -x is the right
+    for name, ray, th in zip(("pedicle_entry_right", "pedicle_entry_left"), rays, t):
         th = th if np.isfinite(th) else 500.0 - (shape.body_depth / 2 + shape.pedicle_length)
         out[name] = ray[:3].astype(float) + float(th) * ray[3:].astype(float)
     return out
