@@ -119,7 +119,8 @@ def test_targets_lie_on_their_own_vertebra(specimens):
                 float(s.compute_distance(p).numpy()[0]) for j, s in enumerate(scenes) if j != i
             ]
             assert min(others) > 15.0
-            assert v.targets["pedicle_entry_left"][0] < 0 < v.targets["pedicle_entry_right"][0]
+            # right-handed spine frame: x = y (caudal) x z (posterior) is the patient's left
+            assert v.targets["pedicle_entry_right"][0] < 0 < v.targets["pedicle_entry_left"][0]
 
 
 def test_posterior_surface_height_between_laminae_and_tips(specimens):
