@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "benchmark-inference": ("end2reg_ros.model.benchmark", "per-stage inference time for one frame"),
     "replay": ("end2reg_ros.ros.replay", "publish a recording over ROS 2 with its original stamps"),
     "demo": ("end2reg_ros.ros.demo", "replay a synthetic specimen through the node and report TRE"),
+    "benchmark-node": ("end2reg_ros.ros.soak", "the node on its defaults for minutes: results/s, latency, TRE, memory"),
     "import-ct": ("end2reg_ros.data.ct_import", "CT label map (NIfTI/NRRD) -> model folder, one mesh per level"),
 }
 

@@ -23,8 +23,11 @@ def test_demo_reports_tre_and_latency_of_published_transforms(ros_env, tmp_path)
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("frames", "tf_published", "tre_median_mm", "latency_p50_ms"):
+    for key in ("frames", "tf_published", "tre_median_mm", "latency_p50_ms", "results_per_s",
+                "results_per_mode"):
         assert key in summary
+    assert 0 < summary["results_per_s"] <= summary["processed"] / summary["replay_wall_s"] + 1e-9
+    assert sum(m["results"] for m in summary["results_per_mode"].values()) == summary["processed"]
     assert summary["frames"] == 4
     # the node runs on its defaults (no QoS override) and the replay waits for its three
     # subscriptions, so every frame arrives (icp-prior takes ~1 s, frames come every 2 s)

@@ -10,7 +10,9 @@
    ``/end2reg_node/segmentation``; compares every result with the recording's ground truth.
 
 Prints per-frame TRE and end-to-end latency (wall time from the colour image's arrival here to
-the result's arrival here), writes ``results/demo/summary.json`` and ``results/demo/overlay.png``
+the result's arrival here), valid results per second of replay wall time (``results_per_s``)
+and results per pipeline mode (global/tracking, from each result's stages), writes
+``results/demo/summary.json`` and ``results/demo/overlay.png``
 (segmentation and registered model over the colour image). The DDS environment must be safe:
 ``make demo`` runs it inside a private network namespace with LOCALHOST discovery.
 """
@@ -266,6 +268,7 @@ def report(args, out, specimen, truth, data, log_dir) -> int:
     from end2reg_ros.metrics import tre_mm
     from end2reg_ros.overlay import draw_overlay, save_png
     from end2reg_ros.ros.conversions import transform_to_pose
+    from end2reg_ros.ros.soak import result_mode
 
     rows = []
     targets, levels = specimen.target_points()
@@ -279,14 +282,23 @@ def report(args, out, specimen, truth, data, log_dir) -> int:
         tre = float(np.median(tre_mm(est, frame.cam_from_vertebra, targets, levels)))
         latency = (arrival - data.color_arrival[stamp]) * 1000.0 if stamp in data.color_arrival else float("nan")
         published = stamp in data.tf
+        mode = result_mode({lat.stage: lat.duration_ms for lat in msg.latencies})
         rows.append({"stamp_ns": stamp, "valid": bool(msg.valid), "tf_published": published,
                      "confidence": float(msg.confidence), "residual_mm": float(msg.residual_mm),
                      "tre_mm": tre, "latency_ms": latency, "processing_ms": float(msg.processing_ms),
-                     "reason": msg.reason})
+                     "mode": mode, "reason": msg.reason})
         print(f"{i:5d} {stamp:20d} {str(msg.valid):>5} {msg.confidence:5.2f} {tre:7.2f} "
               f"{latency:10.1f}  {msg.reason}")
 
     tf_rows = [r for r in rows if r["tf_published"]]
+    # valid results per second of the replay's wall time (one frame per --frame-interval)
+    replay_wall_s = len(truth) * args.frame_interval if truth else None
+    n_valid = sum(r["valid"] for r in rows)
+    per_mode: dict[str, dict[str, int]] = {}
+    for r in rows:  # the mode each result came from, by its stages (search = global)
+        counts = per_mode.setdefault(r["mode"], {"results": 0, "valid": 0})
+        counts["results"] += 1
+        counts["valid"] += int(r["valid"])
     summary = {
         "frames": len(truth),
         "processed": len(rows),
@@ -296,6 +308,10 @@ def report(args, out, specimen, truth, data, log_dir) -> int:
         "tre_max_published_mm": float(np.max([r["tre_mm"] for r in tf_rows])) if tf_rows else None,
         "latency_p50_ms": float(np.nanmedian([r["latency_ms"] for r in rows])) if rows else None,
         "processing_p50_ms": float(np.median([r["processing_ms"] for r in rows])) if rows else None,
+        "replay_wall_s": replay_wall_s,
+        "results_per_s": n_valid / replay_wall_s if replay_wall_s else None,
+        "results_per_mode": per_mode,
+        "last_mode": data.diagnostics.get("mode"),
         "method": args.method,
         "node_diagnostics": data.diagnostics,
         "per_frame": rows,
@@ -319,6 +335,11 @@ def report(args, out, specimen, truth, data, log_dir) -> int:
 
     print(f"\n[demo] frames {summary['frames']}, processed {summary['processed']}, "
           f"published on tf {summary['tf_published']}")
+    if summary["results_per_s"] is not None:
+        modes = ", ".join(f"{m} {c['results']} ({c['valid']} valid)"
+                          for m, c in sorted(per_mode.items()))
+        print(f"[demo] {summary['results_per_s']:.2f} valid results/s over "
+              f"{replay_wall_s:.1f} s of replay; results per mode: {modes}")
     if tf_rows:
         print(f"[demo] median TRE of published transforms {summary['tre_median_mm']:.2f} mm, "
               f"end-to-end latency p50 {summary['latency_p50_ms']:.0f} ms "
