@@ -294,15 +294,26 @@ class RegistrationPipeline:
         else:
             confidence = self.calibration.probability(features, mode)
         estimate.confidence = confidence
+        now = now_ns() if callable(now_ns) else now_ns
         valid, reason = self.gate.check(
             estimate.cam_from_spine, confidence, float(estimate.residual_mm),
-            int(estimate.num_points), frame.stamp_ns, now_ns() if callable(now_ns) else now_ns,
+            int(estimate.num_points), frame.stamp_ns, now,
         )
         stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
         if valid:
             self._remember(frame, estimate, mode)
         else:
             self._lose()
+            content_ok, _ = self.gate.check_content(
+                estimate.cam_from_spine, confidence, float(estimate.residual_mm),
+                int(estimate.num_points))
+            if content_ok and self.config.tracking:
+                # verified but too old to publish (a slow global registration): never
+                # published, only the start for re-acquiring on the next frames
+                self.anchor_pose = estimate.cam_from_spine.copy()
+                self.anchor_stamp_ns = now if now is not None else frame.stamp_ns
+                if mode == "global":
+                    self.track_region = self._learned_region(estimate)
         return PipelineResult(estimate, valid, reason, mode, confidence, features, stages,
                               int(features.get("hypotheses", 0)))
 

@@ -32,7 +32,7 @@ class SafetyLimits:
     (clock skew between camera driver and node).
     """
 
-    min_confidence: float = 0.5
+    min_confidence: float = 0.8
     max_residual_mm: float = 5.0
     min_points: int = 200
     max_age_s: float = 2.0
@@ -136,6 +136,13 @@ class SafetyGate:
             self.mark_processed(stamp_ns)
         if not valid:
             return False, reason
+        return self.check_content(cam_from_spine, confidence, residual_mm, num_points)
+
+    def check_content(
+        self, cam_from_spine: np.ndarray, confidence: float, residual_mm: float, num_points: int
+    ) -> tuple[bool, str]:
+        """The checks of :meth:`check` that concern the registration itself (pose, points,
+        confidence, residual), not the frame's stamp or age; records nothing."""
         valid, reason = check_pose(cam_from_spine, self.limits)
         if not valid:
             return False, reason

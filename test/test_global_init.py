@@ -143,7 +143,7 @@ def scene():
     specimen = generate_specimen(5, "global_init")
     renderer = SyntheticRenderer(specimen, np.random.default_rng(5))
     method = make_method("end2reg", threads=1)
-    pipeline = RegistrationPipeline(method, specimen, calibration=False)
+    pipeline = RegistrationPipeline(method, specimen, )  # bundled calibration, default gate
     return specimen, renderer, pipeline
 
 
