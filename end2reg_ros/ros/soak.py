@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-SOAK_VERSION = "1"
+SOAK_VERSION = "2"  # 2: palindromic recording, seamless loops
 RESULT_TOPIC = "/end2reg_node/result"
 MODEL_TOPIC = "/end2reg_node/model"
 #: the recordings are stamped at 30 Hz
@@ -113,9 +113,21 @@ def ensure_recording(out: Path, n_frames: int, occlusion: tuple[float, float], s
           f"(smooth motion, a key viewpoint every {key_every} frames) ...", flush=True)
     specimen = generate_specimen(seed=BUILTIN_SPECIMEN_SEED, name=BUILTIN_SPECIMEN_NAME)
     save_specimen(specimen, folder / "model")
-    frames = render_frames(specimen, n_frames, np.random.default_rng(seed),
-                           occlusion=tuple(occlusion),
-                           views=ViewSampler(motion="smooth", key_every=key_every))
+    # forwards then backwards (a palindrome): the looping replay then runs on without a jump
+    # in the camera pose at the end of each pass, like a real stream (a jump would make every
+    # pass start with a lost spine, re-acquisition and a global registration)
+    import dataclasses
+
+    from end2reg_ros.synth.generate import FRAME_PERIOD_NS
+
+    half = max(2, (n_frames + 2) // 2)
+    forwards = list(render_frames(specimen, half, np.random.default_rng(seed),
+                                  occlusion=tuple(occlusion),
+                                  views=ViewSampler(motion="smooth", key_every=key_every)))
+    order = forwards + forwards[-2:0:-1]
+    start = forwards[0].stamp_ns
+    frames = [dataclasses.replace(f, stamp_ns=start + int(round(i * FRAME_PERIOD_NS)))
+              for i, f in enumerate(order)]
     write_recording(folder / "recording", frames, specimen_name=specimen.name)
     marker.write_text(json.dumps(settings))
     print(f"[benchmark-node] rendered in {time.monotonic() - t0:.0f} s", flush=True)
