@@ -68,10 +68,17 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int 
     return w
 
 
-def fit(rows: list[dict], l2: float = 1.0, source: str = "") -> ConfidenceModel:
-    """A :class:`ConfidenceModel` fitted on per-frame records (see module docstring)."""
+def fit(rows: list[dict], l2: float = 1.0, source: str = "",
+        ignore: tuple[str, ...] = (), modes: tuple[str, ...] = ("global",)) -> ConfidenceModel:
+    """A :class:`ConfidenceModel` fitted on per-frame records (see module docstring);
+    features in ``ignore`` get weight 0 (not fitted). Only ``modes`` get coefficients of
+    their own; the others use global's (by default tracked frames too: they carry the margin
+    and support of the global registration they started from, and a separate tracking fit on
+    the few smooth validation recordings refused correct tracking).
+    """
+    keep = np.array([f not in ignore for f in FEATURES])
     coef, mean, scale = {}, {}, {}
-    for mode in MODES:
+    for mode in modes:
         sel = [r for r in rows if r.get("mode", "global") == mode]
         y = np.array([r["tre_median_mm"] < SUCCESS_MM for r in sel], dtype=float)
         if len(sel) < 20 or y.sum() < 5 or (1 - y).sum() < 5:
@@ -80,7 +87,9 @@ def fit(rows: list[dict], l2: float = 1.0, source: str = "") -> ConfidenceModel:
         mu = x.mean(axis=0)
         sd = x.std(axis=0)
         sd[sd < 1e-9] = 1.0
-        coef[mode] = fit_logistic((x - mu) / sd, y, l2).tolist()
+        w = np.zeros(len(FEATURES) + 1)
+        w[np.concatenate([[True], keep])] = fit_logistic(((x - mu) / sd)[:, keep], y, l2)
+        coef[mode] = w.tolist()
         mean[mode], scale[mode] = mu.tolist(), sd.tolist()
     if "global" not in coef:
         raise ValueError("too few global-mode frames with both outcomes (< 2 mm and >= 2 mm) "
@@ -88,7 +97,8 @@ def fit(rows: list[dict], l2: float = 1.0, source: str = "") -> ConfidenceModel:
     return ConfidenceModel(coef, mean, scale, source)
 
 
-def out_of_fold(rows: list[dict], l2: float, folds: int) -> np.ndarray:
+def out_of_fold(rows: list[dict], l2: float, folds: int, ignore: tuple[str, ...] = (),
+                modes: tuple[str, ...] = ("global",)) -> np.ndarray:
     """P(TRE < 2 mm) of every row from a model fitted without the row's specimen."""
     specimens = sorted({(r.get("_report", 0), r["specimen"]) for r in rows})
     fold_of = {s: i % folds for i, s in enumerate(specimens)}
@@ -98,7 +108,7 @@ def out_of_fold(rows: list[dict], l2: float, folds: int) -> np.ndarray:
         train = [r for i, r in enumerate(rows) if fold_of[(r.get("_report", 0), r["specimen"])] != k]
         if not held:
             continue
-        model = fit(train, l2)
+        model = fit(train, l2, ignore=ignore, modes=modes)
         for i in held:
             probs[i] = model.probability(rows[i]["features"], rows[i].get("mode", "global"))
     return probs
@@ -183,6 +193,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calibration JSON to write (default: the bundled one)")
     parser.add_argument("--plot", type=Path, default=None, help="reliability diagram PNG")
     parser.add_argument("--l2", type=float, default=1.0, help="L2 penalty of the fit")
+    parser.add_argument("--ignore", action="append", default=["motion_mm"], metavar="FEATURE",
+                        help="feature left out of the fit (repeatable; default: motion_mm, the "
+                        "jump from the predicted pose, which the few smooth validation "
+                        "recordings cannot calibrate: it refused correct tracking whenever "
+                        "the camera accelerated)")
+    parser.add_argument("--modes", nargs="+", default=["global"], choices=MODES,
+                        help="modes fitted (and whose frames are used); others use global's "
+                        "coefficients (default: global)")
     parser.add_argument("--folds", type=int, default=4,
                         help="cross-validation folds, grouped by specimen (default 4)")
     parser.add_argument("--max-false-accept", type=float, default=0.005,
@@ -199,9 +217,18 @@ def run(args: argparse.Namespace) -> int:
     tre = np.array([r["tre_median_mm"] for r in rows])
     success = (tre < SUCCESS_MM).astype(float)
     l2 = args.l2
-    model = fit(rows, l2, source=", ".join(str(r.get("data_dir")) for r in reports))
+    ignore = tuple(dict.fromkeys(args.ignore))
+    unknown = set(ignore) - set(FEATURES)
+    if unknown:
+        raise SystemExit(f"--ignore: unknown features {sorted(unknown)}; known: {FEATURES}")
+    modes = tuple(args.modes)
+    rows = [r for r in rows if r.get("mode", "global") in modes]
+    tre = np.array([r["tre_median_mm"] for r in rows])
+    success = (tre < SUCCESS_MM).astype(float)
+    model = fit(rows, l2, source=", ".join(str(r.get("data_dir")) for r in reports),
+                ignore=ignore, modes=modes)
     probs = np.array([model.probability(r["features"], r.get("mode", "global")) for r in rows])
-    oof = out_of_fold(rows, l2, args.folds)
+    oof = out_of_fold(rows, l2, args.folds, ignore, modes)
     oof_table = gate_table(oof, tre)
     brier = float(np.mean((probs - success) ** 2))
     table = gate_table(probs, tre)
@@ -216,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         "gate_table": table,
         "max_false_accept": args.max_false_accept,
         "l2": l2,
+        "ignored_features": list(ignore),
         "in_sample_log_loss": log_loss(probs, success),
         "folds": args.folds,
         "out_of_fold_log_loss": log_loss(oof, success),

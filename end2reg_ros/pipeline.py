@@ -61,8 +61,9 @@ FEATURES = (
     "log_checked",  # log10 of the number of checked model points
     "fit_inliers",  # method's inlier fraction (its own confidence)
     "residual_mm",  # RMS residual of the used scene points
-    "margin",  # verification score of the chosen pose minus the runner-up's (global)
-    "support",  # hypotheses that converged to the chosen pose / hypotheses tried
+    "margin",  # verification score of the chosen pose minus the runner-up's (global; a
+    #            tracked frame carries the margin of the global registration it started from)
+    "support",  # hypotheses that converged to the chosen pose / hypotheses tried (likewise)
     "motion_mm",  # distance of the result from the predicted pose (tracking), else 0
 )
 
@@ -228,6 +229,10 @@ class RegistrationPipeline:
         self.velocity: np.ndarray | None = None  # pose(t) @ inv(pose(t-1)), per frame gap
         self.velocity_dt_ns: int | None = None
         self.track_region: cKDTree | None = None
+        self._last_margin, self._last_support = 0.0, 0.0
+        #: margin and support of the global registration a track started from: a track
+        #: inherits how ambiguous its start was (the confidence of tracked frames uses them)
+        self._track_evidence = (0.0, 0.0)
         self.anchor_pose: np.ndarray | None = None  # last verified pose, kept while lost
         self.anchor_stamp_ns: int | None = None
         self.gate.reset()
@@ -314,6 +319,7 @@ class RegistrationPipeline:
                 self.anchor_stamp_ns = now if now is not None else frame.stamp_ns
                 if mode == "global":
                     self.track_region = self._learned_region(estimate)
+                    self._track_evidence = (self._last_margin, self._last_support)
         return PipelineResult(estimate, valid, reason, mode, confidence, features, stages,
                               int(features.get("hypotheses", 0)))
 
@@ -329,6 +335,7 @@ class RegistrationPipeline:
         self.anchor_pose, self.anchor_stamp_ns = pose.copy(), frame.stamp_ns
         if mode == "global":
             self.track_region = self._learned_region(estimate)
+            self._track_evidence = (self._last_margin, self._last_support)
 
     def _lose(self) -> None:
         self.last_pose = None
@@ -394,6 +401,7 @@ class RegistrationPipeline:
         support = sum(same) / len(refined)
         features = self._features(check, best, margin, support, 0.0)
         features["hypotheses"] = len(refined)
+        self._last_margin, self._last_support = margin, support
         return best, features
 
     # ------------------------------------------------------------------ tracking
@@ -479,6 +487,7 @@ class RegistrationPipeline:
             point_weight=np.ones(len(source), np.float32),
         )
         estimate.fit_inliers = inliers
-        motion = self._target_distance(pose, predicted)
-        features = self._features(check, estimate, 0.0, 1.0, motion)
+        # re-acquiring starts from a stale pose on purpose: its distance says nothing
+        motion = 0.0 if reacquiring else self._target_distance(pose, predicted)
+        features = self._features(check, estimate, *self._track_evidence, motion)
         return estimate, features
