@@ -51,7 +51,7 @@ def test_evaluate_cli_writes_report_table_and_png(tiny, tmp_path, capsys):
     args = [
         "evaluate", "--data", str(root), "--method", "icp-prior", "--method", "oracle",
         "--report", str(report_path), "--max-frames", "2", "--seed", "5",
-        "--plot", str(plot_path), "--no-progress",
+        "--plot", str(plot_path), "--no-progress", "--init", "prior",
     ]  # fmt: skip
     from end2reg_ros.cli import main
 
@@ -96,7 +96,7 @@ def test_same_initial_pose_for_every_method_and_failures_scored_at_init(tiny, mo
     made = {"a": _RecordsInit(), "b": _RecordsInit(), "bad": _Raises()}
     _RecordsInit.seen = []
     monkeypatch.setattr(evaluation, "make_method", lambda name: made[name])
-    report = evaluation.evaluate(tiny, ["a", "b", "bad"], seed=1, progress=False)
+    report = evaluation.evaluate(tiny, ["a", "b", "bad"], seed=1, progress=False, init="prior")
     seen = _RecordsInit.seen
     assert len(seen) == 6  # 3 frames x 2 methods, interleaved per frame
     for k in range(3):
@@ -106,7 +106,7 @@ def test_same_initial_pose_for_every_method_and_failures_scored_at_init(tiny, mo
     assert report["methods"]["bad"]["tre_median_mm"] == pytest.approx(
         report["methods"]["a"]["tre_median_mm"]
     )
-    again = evaluation.evaluate(tiny, ["a"], seed=1, progress=False)
+    again = evaluation.evaluate(tiny, ["a"], seed=1, progress=False, init="prior")
     for key in ("tre_median_mm", "tre_p95_mm", "rre_median_deg", "rte_median_mm"):
         assert again["methods"]["a"][key] == report["methods"]["a"][key]
     np.testing.assert_array_equal(_RecordsInit.seen[-1], seen[-1])
@@ -127,3 +127,24 @@ def test_dataset_listing_and_disjoint_splits(tmp_path):
         dataset.check_disjoint(tmp_path / "test", tmp_path / "test")
     with pytest.raises(FileNotFoundError):
         dataset.list_specimens(tmp_path / "missing")
+
+
+def test_gate_summary_counts_false_accepts_by_the_frame_median_tre():
+    records = [
+        {"accepted": True, "tre_median_mm": 0.7},
+        {"accepted": True, "tre_median_mm": 2.5},
+        {"accepted": True, "tre_median_mm": 30.0},
+        {"accepted": False, "tre_median_mm": 80.0},
+    ]
+    gate = evaluation.gate_summary(records)
+    assert gate["accepted_rate"] == 0.75
+    assert gate["false_accept_2mm"] == pytest.approx(2 / 3)
+    assert gate["accepted_over_2mm"] == 2 and gate["accepted_over_5mm"] == 1
+    assert gate["accepted_tre_median_mm"] == 2.5
+    none = evaluation.gate_summary([{"accepted": False, "tre_median_mm": 1.0}])
+    assert none["accepted_rate"] == 0.0 and none["false_accept_2mm"] == 0.0
+
+
+def test_unknown_init_is_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="init"):
+        evaluation.evaluate(tiny, ["oracle"], init="ground-truth", progress=False)
