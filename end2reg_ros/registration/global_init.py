@@ -319,14 +319,20 @@ def global_hypotheses(
         )
         if not distinct:
             continue
-        rot = rotations[r]
-        pose = np.eye(4)
-        pose[:3, :3] = rot
-        pose[:3, 3] = anchor - rot @ np.asarray(surface_point, float)
+        pose = _pose_at(rotations[r], anchor, surface_point)
         chosen.append(Hypothesis(pose, float(scores[r, a]), float(rolls[r]), anchor))
         if len(chosen) >= config.top_k:
             break
     return chosen, plane, exposure
+
+
+def _pose_at(rotation: np.ndarray, anchor: np.ndarray, surface_point: np.ndarray) -> np.ndarray:
+    """``cam_from_spine`` with ``rotation`` that puts ``surface_point`` (spine frame) at
+    ``anchor`` (optical frame), mm."""
+    pose = np.eye(4)
+    pose[:3, :3] = rotation
+    pose[:3, 3] = anchor - rotation @ np.asarray(surface_point, float)
+    return pose
 
 
 def _roll_distance(a_deg: float, b_deg: float) -> float:
@@ -362,48 +368,9 @@ def axis_hypotheses(
     for r, rot in enumerate(rotations):
         for k, anchor in enumerate(anchors):
             moved = anchor + np.array([0.0, 0.0, offsets[r, k]])
-            pose = np.eye(4)
-            pose[:3, :3] = rot
-            pose[:3, 3] = moved - rot @ np.asarray(surface_point, float)
-            out.append(Hypothesis(pose, float(scores[r, k]), float(rolls[r] % 360.0), moved))
+            out.append(Hypothesis(_pose_at(rot, moved, surface_point), float(scores[r, k]),
+                                  float(rolls[r] % 360.0), moved))
     return out
-
-
-def scene_cloud_for_search(
-    depth_mm: np.ndarray, camera: CameraIntrinsics, stride: int = 3, normal_radius_mm: float = 6.0
-):
-    """open3d cloud (optical frame, mm) of the whole depth image at ``stride`` with normals
-    oriented towards the camera: the target of :func:`icp_lite`."""
-    import open3d as o3d
-
-    points, _ = backproject(depth_mm, camera, stride=stride)
-    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
-    pcd.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(normal_radius_mm * stride, 20))
-    pcd.orient_normals_towards_camera_location(np.zeros(3))
-    return pcd
-
-
-def icp_lite(
-    scene_pcd,
-    model_points: np.ndarray,
-    cam_from_spine: np.ndarray,
-    distances_mm: tuple[float, ...] = (20.0, 10.0, 5.0),
-    iterations: int = 8,
-) -> np.ndarray:
-    """Point-to-plane ICP of model points (spine frame) onto the scene cloud, coarse to fine:
-    the refined ``cam_from_spine``. Cheap enough to run from dozens of hypotheses."""
-    import open3d as o3d
-
-    reg = o3d.pipelines.registration
-    src = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(model_points.astype(np.float64)))
-    pose = np.asarray(cam_from_spine, dtype=np.float64)
-    for distance in distances_mm:
-        result = reg.registration_icp(
-            src, scene_pcd, distance, pose, reg.TransformationEstimationPointToPlane(),
-            reg.ICPConvergenceCriteria(max_iteration=iterations),
-        )
-        pose = np.asarray(result.transformation)
-    return pose
 
 
 def propose_initial_poses(
