@@ -65,6 +65,7 @@ FEATURES = (
     #            tracked frame carries the margin of the global registration it started from)
     "support",  # hypotheses that converged to the chosen pose / hypotheses tried (likewise)
     "motion_mm",  # distance of the result from the predicted pose (tracking), else 0
+    "level_margin",  # score minus that of the pose shifted by one vertebra and refined
 )
 
 
@@ -82,6 +83,18 @@ def posterior_surface_height(specimen: Specimen) -> tuple[float, str]:
     except Exception:  # noqa: BLE001 - any failure falls back to the percentile
         z = np.concatenate([v.vertices[:, 2] for v in specimen.vertebrae])
         return float(np.percentile(z, 90.0)), "90th percentile of vertex z"
+
+
+def _level_step(specimen: Specimen) -> np.ndarray | None:
+    """Mean displacement (spine frame, mm) from one vertebral body centre to the next one
+    caudally; None for a single-level model."""
+    centres = []
+    for v in specimen.vertebrae:
+        c = v.targets.get("body_centre")
+        centres.append(np.asarray(c, float) if c is not None else np.asarray(v.vertices).mean(0))
+    if len(centres) < 2:
+        return None
+    return np.diff(np.asarray(centres), axis=0).mean(axis=0)
 
 
 @dataclass
@@ -219,6 +232,7 @@ class RegistrationPipeline:
         self._targets = targets
         self._dense, self._dense_normals = self._dense_surface()
         self._dense_tree = cKDTree(self._dense)
+        self._level_step = _level_step(specimen)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -229,10 +243,10 @@ class RegistrationPipeline:
         self.velocity: np.ndarray | None = None  # pose(t) @ inv(pose(t-1)), per frame gap
         self.velocity_dt_ns: int | None = None
         self.track_region: cKDTree | None = None
-        self._last_margin, self._last_support = 0.0, 0.0
+        self._last_margin, self._last_support, self._last_level_margin = 0.0, 0.0, 0.0
         #: margin and support of the global registration a track started from: a track
         #: inherits how ambiguous its start was (the confidence of tracked frames uses them)
-        self._track_evidence = (0.0, 0.0)
+        self._track_evidence = (0.0, 0.0, 0.0)
         self.anchor_pose: np.ndarray | None = None  # last verified pose, kept while lost
         self.anchor_stamp_ns: int | None = None
         self.gate.reset()
@@ -319,7 +333,8 @@ class RegistrationPipeline:
                 self.anchor_stamp_ns = now if now is not None else frame.stamp_ns
                 if mode == "global":
                     self.track_region = self._learned_region(estimate)
-                    self._track_evidence = (self._last_margin, self._last_support)
+                    self._track_evidence = (self._last_margin, self._last_support,
+                                            self._last_level_margin)
         return PipelineResult(estimate, valid, reason, mode, confidence, features, stages,
                               int(features.get("hypotheses", 0)))
 
@@ -335,7 +350,8 @@ class RegistrationPipeline:
         self.anchor_pose, self.anchor_stamp_ns = pose.copy(), frame.stamp_ns
         if mode == "global":
             self.track_region = self._learned_region(estimate)
-            self._track_evidence = (self._last_margin, self._last_support)
+            self._track_evidence = (self._last_margin, self._last_support,
+                                    self._last_level_margin)
 
     def _lose(self) -> None:
         self.last_pose = None
@@ -400,8 +416,12 @@ class RegistrationPipeline:
         margin = best_score - (max(others) if others else -1.0)
         support = sum(same) / len(refined)
         features = self._features(check, best, margin, support, 0.0)
+        t1 = time.perf_counter()
+        features["level_margin"] = self._level_margin(frame, best.cam_from_spine, best_score)
+        stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
         features["hypotheses"] = len(refined)
         self._last_margin, self._last_support = margin, support
+        self._last_level_margin = features["level_margin"]
         return best, features
 
     # ------------------------------------------------------------------ tracking
@@ -438,42 +458,68 @@ class RegistrationPipeline:
         step[:3, 3] = self.velocity[:3, 3] * ratio
         return step @ pose
 
-    def _track(self, frame: Frame, stages: dict[str, float], reacquiring: bool = False):
-        """ICP from the predicted pose (or, re-acquiring, from the last verified pose) on
-        the learned region; (None, {}) when there is nothing to align."""
+    def _icp_from(self, frame: Frame, start: np.ndarray, region: cKDTree | None):
+        """Point-to-plane ICP of the scene points near ``region`` (spine frame; None = the
+        whole model) under ``start`` onto the dense model: ``(cam_from_spine, source points
+        (optical frame), their distances to the model after ICP)``, or None when fewer than
+        50 scene points are there."""
         from end2reg_ros.model.inference import _point_to_plane_icp
         from end2reg_ros.model.preprocess import crop_scene
 
         cfg = self.config
-        t0 = time.perf_counter()
-        predicted = self.anchor_pose if reacquiring else self._predicted_pose(frame.stamp_ns)
         model = getattr(self.method, "model", None)
         bbox_min = model.bbox_min if model is not None else self._dense.min(axis=0)
         bbox_max = model.bbox_max if model is not None else self._dense.max(axis=0)
-        points, _, _ = crop_scene(frame, predicted, bbox_min, bbox_max, 10.0, cfg.track_stride)
-        stages["backprojection"] = (time.perf_counter() - t0) * 1e3
-        t1 = time.perf_counter()
+        points, _, _ = crop_scene(frame, start, bbox_min, bbox_max, 10.0, cfg.track_stride)
         if len(points) < 50:
-            return None, {}
-        in_spine = transform_points(invert(predicted), points)
-        region = self.track_region if self.track_region is not None else self._dense_tree
-        dist, _ = region.query(in_spine, k=1, distance_upper_bound=cfg.track_icp_distances_mm[0])
+            return None
+        in_spine = transform_points(invert(start), points)
+        tree = region if region is not None else self._dense_tree
+        dist, _ = tree.query(in_spine, k=1, distance_upper_bound=cfg.track_icp_distances_mm[0])
         source = points[np.isfinite(dist)]
         if len(source) < 50:
-            return None, {}
+            return None
         if len(source) > cfg.track_max_points:
             rng = np.random.default_rng(frame.stamp_ns % (2**32))
             source = source[rng.choice(len(source), cfg.track_max_points, replace=False)]
         spine_from_cam = _point_to_plane_icp(
-            source, self._dense, self._dense_normals, invert(predicted),
+            source, self._dense, self._dense_normals, invert(start),
             cfg.track_icp_distances_mm, cfg.track_icp_iterations,
         )
-        pose = invert(spine_from_cam)
         d, _ = self._dense_tree.query(transform_points(spine_from_cam, source), k=1,
                                       distance_upper_bound=10.0)
+        return invert(spine_from_cam), source, d
+
+    def _level_margin(self, frame: Frame, pose: np.ndarray, score: float) -> float:
+        """Verification score of ``pose`` minus the best of the same registration shifted by
+        one vertebra cranially or caudally and refined by ICP: small when the neighbouring
+        level fits (almost) as well, the wrong-level ambiguity of look-alike vertebrae."""
+        shift = self._level_step
+        if shift is None:
+            return 1.0
+        best_other = -np.inf
+        for sign in (1.0, -1.0):
+            start = pose @ np.vstack([np.hstack([np.eye(3), sign * shift[:, None]]),
+                                      [0.0, 0.0, 0.0, 1.0]])
+            out = self._icp_from(frame, start, None)
+            if out is None:
+                continue
+            best_other = max(best_other, self._score(self._verify(frame, out[0])))
+        return float(score - best_other) if np.isfinite(best_other) else 1.0
+
+    def _track(self, frame: Frame, stages: dict[str, float], reacquiring: bool = False):
+        """ICP from the predicted pose (or, re-acquiring, from the last verified pose) on
+        the learned region; (None, {}) when there is nothing to align."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        predicted = self.anchor_pose if reacquiring else self._predicted_pose(frame.stamp_ns)
+        out = self._icp_from(frame, predicted, self.track_region)
+        stages["refinement"] = (time.perf_counter() - t0) * 1e3
+        if out is None:
+            return None, {}
+        pose, source, d = out
         used = d[d < cfg.track_icp_distances_mm[-1]]
         inliers = float((d < 2.0).mean())
-        stages["refinement"] = (time.perf_counter() - t1) * 1e3
         t2 = time.perf_counter()
         check = self._verify(frame, pose)
         stages["verify"] = (time.perf_counter() - t2) * 1e3
@@ -489,5 +535,6 @@ class RegistrationPipeline:
         estimate.fit_inliers = inliers
         # re-acquiring starts from a stale pose on purpose: its distance says nothing
         motion = 0.0 if reacquiring else self._target_distance(pose, predicted)
-        features = self._features(check, estimate, *self._track_evidence, motion)
+        features = self._features(check, estimate, *self._track_evidence[:2], motion)
+        features["level_margin"] = self._track_evidence[2]
         return estimate, features
