@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from end2reg_ros.geometry import invert, transform_points
+from end2reg_ros.geometry import invert, make_pose, transform_points
 from end2reg_ros.registration.depth_check import (
     DepthAgreement,
     SurfaceSamples,
@@ -227,7 +227,8 @@ class RegistrationPipeline:
         self.surface_point = np.array([0.0, 0.0, self.surface_height_mm])
         method.prepare(specimen)
         self.surface: SurfaceSamples = surface_samples(specimen, count=6000, seed=0)
-        self.search_surface = self._posterior_pool()
+        #: model points seen from the posterior side: what the global search scores
+        self.search_surface = posterior_visible(self.surface, specimen)
         targets, _ = specimen.target_points()
         self._targets = targets
         self._dense, self._dense_normals = self._dense_surface()
@@ -243,9 +244,8 @@ class RegistrationPipeline:
         self.velocity: np.ndarray | None = None  # pose(t) @ inv(pose(t-1)), per frame gap
         self.velocity_dt_ns: int | None = None
         self.track_region: cKDTree | None = None
-        self._last_margin, self._last_support, self._last_level_margin = 0.0, 0.0, 0.0
-        #: margin and support of the global registration a track started from: a track
-        #: inherits how ambiguous its start was (the confidence of tracked frames uses them)
+        #: margin, support and level margin of the global registration a track started
+        #: from: a track inherits how ambiguous its start was (its frames' confidence uses them)
         self._track_evidence = (0.0, 0.0, 0.0)
         self.anchor_pose: np.ndarray | None = None  # last verified pose, kept while lost
         self.anchor_stamp_ns: int | None = None
@@ -258,10 +258,6 @@ class RegistrationPipeline:
         return "tracking" if self.config.tracking and self.last_pose is not None else "global"
 
     # ------------------------------------------------------------------ model samples
-    def _posterior_pool(self) -> SurfaceSamples:
-        """Model points seen from the posterior side: what the global search scores."""
-        return posterior_visible(self.surface, self.specimen)
-
     def _dense_surface(self) -> tuple[np.ndarray, np.ndarray]:
         model = getattr(self.method, "model", None)
         if model is not None and getattr(model, "dense_points", None) is not None:
@@ -320,7 +316,7 @@ class RegistrationPipeline:
         )
         stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
         if valid:
-            self._remember(frame, estimate, mode)
+            self._remember(frame, estimate, mode, features)
         else:
             self._lose()
             content_ok, _ = self.gate.check_content(
@@ -332,13 +328,12 @@ class RegistrationPipeline:
                 self.anchor_pose = estimate.cam_from_spine.copy()
                 self.anchor_stamp_ns = now if now is not None else frame.stamp_ns
                 if mode == "global":
-                    self.track_region = self._learned_region(estimate)
-                    self._track_evidence = (self._last_margin, self._last_support,
-                                            self._last_level_margin)
+                    self._start_track(estimate, features)
         return PipelineResult(estimate, valid, reason, mode, confidence, features, stages,
                               int(features.get("hypotheses", 0)))
 
-    def _remember(self, frame: Frame, estimate: RegistrationEstimate, mode: str) -> None:
+    def _remember(self, frame: Frame, estimate: RegistrationEstimate, mode: str,
+                  features: dict[str, float]) -> None:
         pose = estimate.cam_from_spine
         if self.last_pose is not None and self.last_stamp_ns is not None and mode == "tracking":
             self.velocity = pose @ invert(self.last_pose)
@@ -349,9 +344,14 @@ class RegistrationPipeline:
         self.last_stamp_ns = frame.stamp_ns
         self.anchor_pose, self.anchor_stamp_ns = pose.copy(), frame.stamp_ns
         if mode == "global":
-            self.track_region = self._learned_region(estimate)
-            self._track_evidence = (self._last_margin, self._last_support,
-                                    self._last_level_margin)
+            self._start_track(estimate, features)
+
+    def _start_track(self, estimate: RegistrationEstimate, features: dict[str, float]) -> None:
+        """What a track keeps of the global registration it starts from: the learned region
+        and the ambiguity evidence (margin, support, level margin)."""
+        self.track_region = self._learned_region(estimate)
+        self._track_evidence = (features["margin"], features["support"],
+                                features["level_margin"])
 
     def _lose(self) -> None:
         self.last_pose = None
@@ -420,8 +420,6 @@ class RegistrationPipeline:
         features["level_margin"] = self._level_margin(frame, best.cam_from_spine, best_score)
         stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
         features["hypotheses"] = len(refined)
-        self._last_margin, self._last_support = margin, support
-        self._last_level_margin = features["level_margin"]
         return best, features
 
     # ------------------------------------------------------------------ tracking
@@ -499,8 +497,7 @@ class RegistrationPipeline:
             return 1.0
         best_other = -np.inf
         for sign in (1.0, -1.0):
-            start = pose @ np.vstack([np.hstack([np.eye(3), sign * shift[:, None]]),
-                                      [0.0, 0.0, 0.0, 1.0]])
+            start = pose @ make_pose(np.eye(3), sign * shift)
             out = self._icp_from(frame, start, None)
             if out is None:
                 continue

@@ -312,12 +312,7 @@ def global_hypotheses(
         if not np.isfinite(scores[r, a]):
             break
         anchor = anchors[a] + np.array([0.0, 0.0, offsets[r, a]])
-        distinct = all(
-            _roll_distance(rolls[r], h.roll_deg) > config.distinct_roll_deg
-            or np.linalg.norm(anchor - h.anchor) > config.distinct_position_mm
-            for h in chosen
-        )
-        if not distinct:
+        if not _distinct(rolls[r], anchor, chosen, config):
             continue
         pose = _pose_at(rotations[r], anchor, surface_point)
         chosen.append(Hypothesis(pose, float(scores[r, a]), float(rolls[r]), anchor))
@@ -396,7 +391,7 @@ def propose_initial_poses(
                                config=config)
         axis.sort(key=lambda h: -h.score)
         for hyp in axis:
-            if _distinct(hyp, chosen, config):
+            if _distinct(hyp.roll_deg, hyp.anchor, chosen, config):
                 chosen.append(hyp)
             if len(chosen) >= config.axis_top_k:
                 break
@@ -404,15 +399,18 @@ def propose_initial_poses(
     for hyp in sweep:
         if added >= config.sweep_top_k:
             break
-        if _distinct(hyp, chosen, config):
+        if _distinct(hyp.roll_deg, hyp.anchor, chosen, config):
             chosen.append(hyp)
             added += 1
     return chosen
 
 
-def _distinct(hyp: Hypothesis, chosen: list[Hypothesis], config: GlobalSearchConfig) -> bool:
+def _distinct(roll_deg: float, anchor: np.ndarray, chosen: list[Hypothesis],
+              config: GlobalSearchConfig) -> bool:
+    """A hypothesis at ``roll_deg`` / ``anchor`` differs from every chosen one in roll or
+    in position."""
     return all(
-        _roll_distance(hyp.roll_deg, h.roll_deg) > config.distinct_roll_deg
-        or np.linalg.norm(hyp.anchor - h.anchor) > config.distinct_position_mm
+        _roll_distance(roll_deg, h.roll_deg) > config.distinct_roll_deg
+        or np.linalg.norm(anchor - h.anchor) > config.distinct_position_mm
         for h in chosen
     )
