@@ -72,10 +72,22 @@ def sample_mesh_surface(
     return points.astype(np.float32), normals.astype(np.float32)
 
 
-def _visible_from_posterior(
+def specimen_triangles(specimen: Specimen) -> tuple[np.ndarray, np.ndarray]:
+    """Every vertebra mesh of ``specimen`` as one triangle soup (spine frame, mm): float64
+    vertices (V, 3) and int64 faces (F, 3)."""
+    verts = [np.asarray(v.vertices, dtype=np.float64) for v in specimen.vertebrae]
+    offsets = np.cumsum([0] + [len(v) for v in verts[:-1]])
+    faces = np.concatenate(
+        [np.asarray(v.faces, dtype=np.int64) + o for v, o in zip(specimen.vertebrae, offsets)]
+    )
+    return np.concatenate(verts), faces
+
+
+def visible_from_posterior(
     points: np.ndarray, normals: np.ndarray, vertices: np.ndarray, faces: np.ndarray
 ) -> np.ndarray:
-    """Points whose normal faces +z (posterior) and whose ray towards +z hits no surface."""
+    """Mask of the points whose normal faces +z (posterior) and whose ray towards +z hits no
+    surface; every point when fewer than 64 qualify (degenerate mesh orientation)."""
     scene = o3d.t.geometry.RaycastingScene()
     scene.add_triangles(
         o3d.core.Tensor(vertices.astype(np.float32)), o3d.core.Tensor(faces.astype(np.uint32))
@@ -83,7 +95,10 @@ def _visible_from_posterior(
     origins = points + 0.05 * normals
     rays = np.concatenate([origins, np.tile([0.0, 0.0, 1.0], (len(points), 1))], axis=1)
     hit = scene.test_occlusions(o3d.core.Tensor(rays.astype(np.float32))).numpy()
-    return (normals[:, 2] > 0.0) & ~hit
+    keep = (normals[:, 2] > 0.0) & ~hit
+    if keep.sum() < 64:
+        keep[:] = True
+    return keep
 
 
 def prepare_model_cloud(
@@ -95,17 +110,10 @@ def prepare_model_cloud(
 ) -> ModelCloud:
     """Sample the preoperative cloud of ``specimen`` (spine frame, mm), deterministic in seed."""
     rng = np.random.default_rng(seed)
-    verts = [np.asarray(v.vertices, dtype=np.float64) for v in specimen.vertebrae]
-    offsets = np.cumsum([0] + [len(v) for v in verts[:-1]])
-    faces = np.concatenate(
-        [np.asarray(v.faces, dtype=np.int64) + o for v, o in zip(specimen.vertebrae, offsets)]
-    )
-    vertices = np.concatenate(verts)
+    vertices, faces = specimen_triangles(specimen)
     dense_p, dense_n = sample_mesh_surface(vertices, faces, dense_points, rng)
     if visible_only:
-        keep = _visible_from_posterior(dense_p, dense_n, vertices, faces)
-        if keep.sum() < 64:  # degenerate mesh orientation: fall back to the whole surface
-            keep[:] = True
+        keep = visible_from_posterior(dense_p, dense_n, vertices, faces)
         pool_p, pool_n = dense_p[keep], dense_n[keep]
     else:
         pool_p, pool_n = dense_p, dense_n

@@ -86,21 +86,9 @@ def surface_samples(specimen, count: int = 6000, seed: int = 0) -> SurfaceSample
 def posterior_visible(samples: SurfaceSamples, specimen) -> SurfaceSamples:
     """The samples a camera above a prone patient sees: outward normal towards +z (posterior)
     and nothing of the model above them (ray towards +z unobstructed)."""
-    import open3d as o3d
+    from end2reg_ros.model.preprocess import specimen_triangles, visible_from_posterior
 
-    verts = [np.asarray(v.vertices, dtype=np.float32) for v in specimen.vertebrae]
-    offsets = np.cumsum([0] + [len(v) for v in verts[:-1]])
-    faces = np.concatenate([np.asarray(v.faces, dtype=np.int64) + o
-                            for v, o in zip(specimen.vertebrae, offsets)])
-    scene = o3d.t.geometry.RaycastingScene()
-    scene.add_triangles(o3d.core.Tensor(np.concatenate(verts)),
-                        o3d.core.Tensor(faces.astype(np.uint32)))
-    origins = samples.points + 0.05 * samples.normals
-    rays = np.concatenate([origins, np.tile([0.0, 0.0, 1.0], (len(origins), 1))], axis=1)
-    hit = scene.test_occlusions(o3d.core.Tensor(rays.astype(np.float32))).numpy()
-    keep = (samples.normals[:, 2] > 0.0) & ~hit
-    if keep.sum() < 64:  # degenerate model orientation: keep everything
-        keep[:] = True
+    keep = visible_from_posterior(samples.points, samples.normals, *specimen_triangles(specimen))
     return SurfaceSamples(samples.points[keep], samples.normals[keep], samples.vertebra[keep],
                           samples.levels)
 
