@@ -37,8 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from end2reg_ros import metrics
+from end2reg_ros.geometry import invert
 from end2reg_ros.registration import CLASSICAL_METHODS, make_method
 from end2reg_ros.registration.prior import SurgicalSetupPrior
+from end2reg_ros.spine_frame import transform_specimen
 
 LOGGER = logging.getLogger(__name__)
 
@@ -142,19 +144,16 @@ def evaluate(
     built = {name: make_method(name, **options.get(name, {})) for name in methods}
     smooth = _camera_motion(data_dir) == "smooth"
     use_tracking = smooth if tracking is None else bool(tracking)
-    accepted: dict[str, list[bool]] = {name: [] for name in methods}
     per_frame: dict[str, list[dict]] = {name: [] for name in methods}
     results: dict[str, list[metrics.FrameMetrics]] = {name: [] for name in methods}
     initial: list[metrics.FrameMetrics] = []
     bar = tqdm(total=sum(counts), desc="evaluate", unit="frame", disable=not progress)
     for rec in recordings:
         specimen = rec.load_specimen()
-        # the pipeline's poses map the derived spine frame; the ground truth maps the model
-        # as stored: score cam_from_user = pose @ inv(user_from_spine) against targets and
-        # model points in the stored frame
-        from end2reg_ros.geometry import invert
-        from end2reg_ros.spine_frame import transform_specimen
-
+        # methods work in the derived spine frame (poses cam_from_spine); the ground truth
+        # maps the model as stored (cam_from_user): initial poses go in as
+        # cam_from_user @ user_from_spine, results are scored as pose @ inv(user_from_spine)
+        # against targets and model points in the stored frame
         user_from_spine = np.asarray(specimen.user_from_spine, dtype=float)
         spine_from_user = invert(user_from_spine)
         scored = specimen if np.allclose(user_from_spine, np.eye(4)) else transform_specimen(
@@ -178,9 +177,10 @@ def evaluate(
             if frame.cam_from_spine is None:
                 raise ValueError(f"{rec.bag_dir}: frame {index} has no ground truth")
             if init == "prior":
-                start_pose = prior.sample_initial(
+                start_user = prior.sample_initial(
                     frame.cam_from_spine, frame_rng(seed, rec.name, index))
-                initial.append(metrics.frame_metrics(start_pose, frame, scored, _cache=cache))
+                initial.append(metrics.frame_metrics(start_user, frame, scored, _cache=cache))
+                start_pose = start_user @ user_from_spine
             for name, method in built.items():
                 failed = False
                 extra: dict = {}
@@ -195,7 +195,6 @@ def evaluate(
                                  "mode": result.mode,
                                  "features": {k: round(float(v), 5)
                                               for k, v in result.features.items()}}
-                        accepted[name].append(bool(result.valid))
                         if result.estimate is None:
                             raise ValueError(result.reason)
                         pose, confidence = result.estimate.cam_from_spine, result.confidence
@@ -205,7 +204,7 @@ def evaluate(
                     pose = start_pose if init == "prior" else _UNREGISTERED
                 runtime_ms = (time.perf_counter() - start) * 1e3
                 fm = metrics.frame_metrics(
-                    pose if failed and init == "prior" else pose @ spine_from_user, frame, scored,
+                    pose @ spine_from_user, frame, scored,
                     runtime_ms=runtime_ms, failed=failed, _cache=cache,
                 )
                 results[name].append(fm)
