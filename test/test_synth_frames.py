@@ -298,3 +298,33 @@ def test_overlay_marks_the_model(specimen, clean_frames, tmp_path):
 
     back = mpimg.imread(path)
     assert back.shape[:2] == img.shape[:2]
+
+
+@pytest.mark.parametrize("motion", ["independent", "smooth"])
+def test_wide_views_keep_the_spine_point_in_their_stated_range(motion):
+    """`--views wide`: the spine's posterior surface point lies 150-600 mm along the optical
+    axis and projects into the central two thirds of the image, whatever the tilt (up to
+    45 deg) and the rotation about the optical axis."""
+    views = ViewSampler(views="wide", motion=motion)
+    params = views.parameters(400, np.random.default_rng(11))
+    height = 30.0
+    camera = CameraIntrinsics.d405_640x480()
+    depth, frac, tilt, roll = [], [], [], []
+    for p in params:
+        pose = views.cam_from_spine(p, height)
+        point = pose[:3, :3] @ np.array([0.0, 0.0, height]) + pose[:3, 3]
+        u, v = camera.project(point[None])[0]
+        depth.append(point[2])
+        frac.append(max(abs(u - camera.cx) / camera.cx, abs(v - camera.cy) / camera.cy))
+        tilt.append(np.degrees(np.arccos(abs(pose[2, 2]))))  # spine +z against the optical axis
+        roll.append(np.degrees(np.arctan2(pose[1, 1], pose[0, 1])))  # spine +y in the image
+    depth, frac, tilt, roll = map(np.asarray, (depth, frac, tilt, roll))
+    # smooth motion blends key viewpoints: in between, the point may drift a little
+    slack = 0.0 if motion == "independent" else 0.1
+    assert depth.min() >= 150.0 * (1 - slack) - 1e-6 and depth.max() <= 600.0 * (1 + slack)
+    assert frac.max() <= 2.0 / 3.0 + slack + 0.005  # cx = 319.5, not 320
+    assert tilt.max() <= 45.5
+    assert motion == "smooth" or tilt.max() > 35.0
+    if motion == "independent":  # the whole ranges are used, not just their middles
+        assert depth.min() < 180.0 and depth.max() > 570.0 and frac.max() > 0.6
+        assert np.histogram(roll, bins=8, range=(-180, 180))[0].min() > 0

@@ -60,7 +60,7 @@ from end2reg_ros.types import LEVELS, Frame, Specimen
 VIEW_SETS: tuple[str, ...] = ("surgical", "wide")
 
 #: bumped whenever the rendered data changes in a way that matters for training
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: wide views put the spine point where they say
 
 FRAME_PERIOD_NS = 1_000_000_000 / 30.0
 
@@ -79,7 +79,7 @@ class FrameInfo:
     stamp_ns: int
     requested_occlusion: float
     occluded_fraction: float  #: exposed bone pixels hidden by occluders / exposed bone pixels
-    camera_distance_mm: float  #: along the optical axis to the aimed posterior surface point
+    camera_distance_mm: float  #: along the optical axis to the spine's posterior surface point
     bone_pixels_unoccluded: int
     bone_pixels: int
     layer_pixels: int  #: labelled pixels whose first hit is a tissue/blood layer
@@ -146,11 +146,15 @@ class ViewSampler:
         # where the spine point appears, in camera x/y (mm at the aimed distance)
         frac = rng.uniform(-self.wide_image_fraction, self.wide_image_fraction, size=2)
         lateral_cam = frac * np.asarray(self.half_fov_tan) * dist
-        # aim (ox, oy) in the spine x-y plane so that the spine point sits at that offset:
-        # cam(p0) - cam(aim) = R (p0 - aim), p0 - aim = (-ox, -oy, 0)
+        # aim (ox, oy) in the spine x-y plane and the aim's distance so that the spine point
+        # p0 sits at camera (lateral_cam, dist): cam(p0) = R (p0 - aim) + (0, 0, aim_dist),
+        # p0 - aim = (-ox, -oy, 0). (Moving the aim in the tilted spine plane also moves p0
+        # in depth; leaving that out put p0 up to ~55 % nearer or farther than ``dist`` and,
+        # seen that close, outside the central two thirds or the image.)
         full = rot @ NOMINAL_CAM_FROM_SPINE_ROTATION
         ox, oy = -np.linalg.solve(full[:2, :2], lateral_cam)
-        return np.array([*rotvec, ox, oy, dist])
+        aim_dist = dist - float(full[2, :2] @ np.array([-ox, -oy]))
+        return np.array([*rotvec, ox, oy, aim_dist])
 
     def parameters(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """(n, 6) rows: rotation vector (3, rad), offset x, y (mm), distance (mm)."""
@@ -159,11 +163,17 @@ class ViewSampler:
         if self.motion != "smooth":
             raise ValueError(f"unknown camera motion {self.motion!r}")
         n_keys = n // self.key_every + 2
+        wide = self.views == "wide"
+        lo, hi = self.wide_distance_mm if wide else self.distance_mm
         keys = [self._key(rng)]
-        lo, hi = self.distance_mm
         for _ in range(n_keys - 1):
             key = self._key(rng)  # new tilt and offset; distance drifts by at most 40 mm
-            key[5] = float(np.clip(keys[-1][5] + rng.uniform(-40.0, 40.0), lo, hi))
+            if wide:  # the spine point's distance; aim and offset scale with it
+                dist = float(np.clip(_spine_point_distance(keys[-1]) + rng.uniform(-40.0, 40.0),
+                                     lo, hi))
+                key[3:6] *= dist / _spine_point_distance(key)
+            else:
+                key[5] = float(np.clip(keys[-1][5] + rng.uniform(-40.0, 40.0), lo, hi))
             keys.append(key)
         keys = np.stack(keys)
         t = np.arange(n) / self.key_every
@@ -183,6 +193,17 @@ class ViewSampler:
         axis_spine = rot.T @ np.array([0.0, 0.0, 1.0])
         centre = aim - dist * axis_spine
         return make_pose(rot, -rot @ centre)
+
+
+def _spine_point_distance(params: np.ndarray) -> float:
+    """Distance along the optical axis (mm) of the spine point ``(0, 0, h)`` of a viewpoint
+    row (:meth:`ViewSampler.parameters`): the aim's distance plus the depth of the point
+    relative to the aim, ``R (-ox, -oy, 0)``, whatever ``h``."""
+    rotvec = params[:3]
+    angle = float(np.linalg.norm(rotvec))
+    tilt = axis_angle_to_matrix(rotvec, angle) if angle > 0 else np.eye(3)
+    full = tilt @ NOMINAL_CAM_FROM_SPINE_ROTATION
+    return float(params[5] + full[2, :2] @ -np.asarray(params[3:5]))
 
 
 def vertebra_motions(
@@ -558,7 +579,9 @@ def render_frames_with_info(
             stamp_ns=stamp,
             requested_occlusion=target,
             occluded_fraction=extra["occluded_fraction"],
-            camera_distance_mm=float(params[i, 5]),
+            camera_distance_mm=float(
+                (cam_from_spine @ np.array([0.0, 0.0, renderer.scene.surface_height_mm, 1.0]))[2]
+            ),
             bone_pixels_unoccluded=extra["bone_pixels_unoccluded"],
             bone_pixels=extra["bone_pixels"],
             layer_pixels=extra["layer_pixels"],
