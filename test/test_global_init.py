@@ -11,11 +11,13 @@ import pytest
 
 import end2reg_ros.pipeline as pipeline_module
 from end2reg_ros.camera import CameraIntrinsics
-from end2reg_ros.geometry import rotation_angle_deg
+from end2reg_ros.geometry import axis_angle_to_matrix, make_pose, rotation_angle_deg
 from end2reg_ros.metrics import frame_metrics
 from end2reg_ros.pipeline import RegistrationPipeline
 from end2reg_ros.registration import make_method
 from end2reg_ros.registration.global_init import (
+    fine_scores,
+    refine_hypotheses,
     GlobalSearchConfig,
     Hypothesis,
     candidate_anchors,
@@ -258,3 +260,44 @@ def test_gate_refuses_a_frame_without_depth(scene, surgical_frame):
     assert result.mode == "global"
     assert "depth" in result.reason
     assert pipeline.mode == "global"
+
+
+def _pose_error(pose, truth, surface_point):
+    """(deg, mm at the posterior surface point) between two ``cam_from_spine`` poses."""
+    at = lambda p: p[:3, :3] @ surface_point + p[:3, 3]  # noqa: E731
+    return (rotation_angle_deg(pose[:3, :3] @ truth[:3, :3].T),
+            float(np.linalg.norm(at(pose) - at(truth))))
+
+
+def test_refinement_pulls_perturbed_poses_onto_the_truth_and_ranks_them_first(
+        scene, surgical_frame):
+    """Projective ICP from poses 5-7 deg and 8-10 mm off the truth (about the surface
+    point; the coarse grid's spacing is 10 deg / 15 mm) ends within 2 deg / 2 mm; after it, the fine score ranks those above a pose one
+    vertebra (35 mm) cranial and the 180-deg turn, whatever their order before."""
+    _, _, pipeline = scene
+    truth = surgical_frame.cam_from_spine
+    surf = pipeline.search_surface
+    rng = np.random.default_rng(3)
+    starts = []
+    for angle, shift in ((6.0, 8.0), (5.0, 10.0), (7.0, 10.0)):
+        axis = rng.normal(size=3)
+        direction = rng.normal(size=3)
+        turn = make_pose(axis_angle_to_matrix(axis / np.linalg.norm(axis), np.radians(angle)),
+                         np.zeros(3))
+        anchor = truth[:3, :3] @ pipeline.surface_point + truth[:3, 3]
+        moved = make_pose(np.eye(3), anchor + direction / np.linalg.norm(direction) * shift)
+        starts.append(moved @ turn @ make_pose(np.eye(3), -anchor) @ truth)
+    level_off = truth @ make_pose(np.eye(3), np.array([0.0, -35.0, 0.0]))
+    turned = OPTICAL_180 @ truth
+    poses = np.stack([level_off, turned, *starts])
+    before = [_pose_error(p, truth, pipeline.surface_point) for p in starts]
+    assert min(mm for _, mm in before) > 7.0
+    refined = refine_hypotheses(surgical_frame.depth_mm, surgical_frame.camera, poses,
+                                surf.points[::6], surf.normals[::6])
+    for pose in refined[2:]:
+        deg, mm = _pose_error(pose, truth, pipeline.surface_point)
+        assert deg < 2.0 and mm < 2.0, (deg, mm)
+        np.testing.assert_allclose(pose[:3, :3].T @ pose[:3, :3], np.eye(3), atol=1e-9)
+    scores = fine_scores(surgical_frame.depth_mm, surgical_frame.camera, refined,
+                         surf.points[::6], surf.normals[::6])
+    assert min(scores[2:]) > 1.2 * max(scores[:2])
