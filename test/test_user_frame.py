@@ -145,19 +145,15 @@ def test_same_camera_frame_targets_and_tre_in_any_model_frame(scene, method, tmp
     assert np.median(tre["package"]) < 3.0  # registered at all (not a frame-free failure)
 
 
-def test_evaluate_scores_a_model_in_ct_coordinates_like_the_package_frame(scene, tmp_path):
-    """``end2reg evaluate`` on one recording twice: model + ground truth in the package
-    frame, and in CT coordinates (ground truth ``cam_from_ct = cam_from_spine @
-    inv(ct_from_package)``); the CT model is loaded with a derived frame, the package one
-    with ``frame="user"`` as well so that both pipelines see the same canonical model."""
-    from end2reg_ros import evaluation
-    from end2reg_ros.data import bag, dataset
+def package_and_ct_datasets(specimen, frames, root_dir) -> dict:
+    """Two one-recording datasets: model + ground truth in the package frame, and in CT
+    coordinates (ground truth ``cam_from_ct = cam_from_spine @ inv(ct_from_package)``)."""
+    from end2reg_ros.data import bag
 
-    specimen, frames = scene
     ct_from_package = ct_like_pose(np.random.default_rng(11))
     roots = {}
     for name, pose in (("package", np.eye(4)), ("ct", ct_from_package)):
-        root = tmp_path / name
+        root = root_dir / name
         write_model(specimen, pose, root / "S3" / "model")
         inverse = invert(pose)
         moved = []
@@ -169,7 +165,53 @@ def test_evaluate_scores_a_model_in_ct_coordinates_like_the_package_frame(scene,
         bag.write_recording(root / "S3" / "recording", moved, specimen_name="S3")
         (root / "dataset.json").write_text(json.dumps({"specimens": ["S3"]}))
         roots[name] = root
+    return roots
 
+
+def test_training_cache_puts_a_ct_model_where_the_camera_saw_it(scene, tmp_path):
+    """The training cache of a recording whose model and ground truth are in CT coordinates:
+    its (spine-frame) targets, model points and scene crop, posed with its cached ground
+    truth, are where the package-frame dataset's are (same camera-frame positions), i.e.
+    training sees the same geometry whatever frame the user's meshes are in."""
+    from end2reg_ros.model.cache import build_cache, load_cache
+    from end2reg_ros.model.config import ModelConfig
+
+    specimen, frames = scene
+    roots = package_and_ct_datasets(specimen, frames, tmp_path)
+    cfg = ModelConfig()
+    cached = {name: load_cache(build_cache(root, cfg, tmp_path / f"cache_{name}"))[0]
+              for name, root in roots.items()}
+    from end2reg_ros.types import LEVELS
+
+    package_targets = specimen.target_points()[0]
+    for name, c in cached.items():
+        assert len(c.cam_from_spine) == len(frames)
+        for k, gt in enumerate(c.cam_from_spine):
+            frame = frames[k]
+            np.testing.assert_allclose(transform_points(gt, c.targets),
+                                       transform_points(frame.cam_from_spine, package_targets),
+                                       atol=1e-3, err_msg=name)
+            for j, level in enumerate(c.target_level):  # each target moved with its vertebra
+                seen = transform_points(c.cam_from_vertebra[k][level], c.targets[j:j + 1])
+                want = transform_points(frame.cam_from_vertebra[LEVELS[level]],
+                                        package_targets[j:j + 1])
+                np.testing.assert_allclose(seen, want, atol=1e-3, err_msg=name)
+    a, b = cached["package"], cached["ct"]
+    assert abs(a.num_frames - b.num_frames) == 0
+    for k in range(len(frames)):  # the scene crop around the posed model: the same pixels
+        assert abs(len(a.scene(k).points) - len(b.scene(k).points)) <= 0.02 * len(a.scene(k).points)
+
+
+def test_evaluate_scores_a_model_in_ct_coordinates_like_the_package_frame(scene, tmp_path):
+    """``end2reg evaluate`` on one recording twice: model + ground truth in the package
+    frame, and in CT coordinates (ground truth ``cam_from_ct = cam_from_spine @
+    inv(ct_from_package)``); the CT model is loaded with a derived frame, the package one
+    with ``frame="user"`` as well so that both pipelines see the same canonical model."""
+    from end2reg_ros import evaluation
+    from end2reg_ros.data import bag, dataset
+
+    specimen, frames = scene
+    roots = package_and_ct_datasets(specimen, frames, tmp_path)
     original = dataset.SpecimenRecording.load_specimen
 
     def load_in_user_frame(self):

@@ -28,7 +28,7 @@ from end2reg_ros.model.preprocess import ModelCloud, SceneCloud, build_scene, pr
 from end2reg_ros.types import LEVELS
 
 LOGGER = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: ground truth composed with the model's user_from_spine
 INFO_FILE = "cache.json"
 
 
@@ -82,6 +82,9 @@ def _cache_specimen(recording, cfg: ModelConfig, out_dir: Path) -> int:
     from end2reg_ros.data.bag import read_recording
 
     specimen = recording.load_specimen()
+    # a recording's ground truth maps the model files' own coordinates (the user's frame)
+    # into the optical frame; training works in the spine frame the model was moved into
+    user_from_spine = np.asarray(getattr(specimen, "user_from_spine", np.eye(4)), dtype=float)
     model = prepare_model_cloud(specimen, cfg.model_pool_points, cfg.model_visible_only, seed=0)
     targets, target_levels = specimen.target_points()
     level_index = {lv: i for i, lv in enumerate(LEVELS)}
@@ -92,9 +95,10 @@ def _cache_specimen(recording, cfg: ModelConfig, out_dir: Path) -> int:
             break
         if frame.cam_from_spine is None:
             raise ValueError(f"{recording.bag_dir}: frame {i} has no ground truth pose")
+        cam_from_spine = frame.cam_from_spine @ user_from_spine
         scene = build_scene(
             frame,
-            frame.cam_from_spine,
+            cam_from_spine,
             model,
             margin,
             cfg.voxel_mm,
@@ -109,9 +113,10 @@ def _cache_specimen(recording, cfg: ModelConfig, out_dir: Path) -> int:
             scene.labels if scene.labels is not None else np.full(len(scene.points), 255, np.uint8)
         )
         offsets.append(offsets[-1] + len(scene.points))
-        gts.append(frame.cam_from_spine)
+        gts.append(cam_from_spine)
         per_level = frame.cam_from_vertebra or {}
-        gtv.append([per_level.get(lv, frame.cam_from_spine) for lv in LEVELS])
+        gtv.append([per_level[lv] @ user_from_spine if lv in per_level else cam_from_spine
+                    for lv in LEVELS])
     if len(gts) == 0:
         raise ValueError(f"{recording.bag_dir}: no frames")
     np.savez(
