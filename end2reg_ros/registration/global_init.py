@@ -68,6 +68,9 @@ class GlobalSearchConfig:
     #: keeps ``top_k``; :func:`propose_initial_poses` takes ``axis_top_k`` along the exposure
     #: axis and ``sweep_top_k`` more from the sweep
     top_k: int = 4
+    #: positions of the exposure-axis hypotheses, from the exposure's centre (mm)
+    axis_along_mm: tuple[float, ...] = (-40.0, -20.0, 0.0, 20.0, 40.0)
+    axis_across_mm: tuple[float, ...] = (-20.0, 0.0, 20.0)
     axis_top_k: int = 4
     sweep_top_k: int = 2
     distinct_roll_deg: float = 25.0
@@ -370,14 +373,17 @@ def axis_hypotheses(
     exposure: Exposure,
     surface: SurfaceSamples,
     surface_point: np.ndarray,
-    along_mm: tuple[float, ...] = (-40.0, -20.0, 0.0, 20.0, 40.0),
-    across_mm: tuple[float, ...] = (-20.0, 0.0, 20.0),
+    along_mm: tuple[float, ...] | None = None,
+    across_mm: tuple[float, ...] | None = None,
     roll_offsets_deg: tuple[float, ...] = (0.0, 180.0),
     config: GlobalSearchConfig = GlobalSearchConfig(),
 ) -> list[Hypothesis]:
     """Initial poses with the spine's cranio-caudal axis along the exposure's main axis
     (both directions: the exposure does not tell L1 from L5), at positions around its centre,
-    each slid along the optical axis to its best depth (:func:`score_hypotheses`)."""
+    each slid along the optical axis to its best depth (:func:`score_hypotheses`); positions
+    ``along_mm`` x ``across_mm`` (default: the config's ``axis_along_mm`` / ``axis_across_mm``)."""
+    along_mm = config.axis_along_mm if along_mm is None else along_mm
+    across_mm = config.axis_across_mm if across_mm is None else across_mm
     e1, e2 = _plane_basis(plane.normal)
     base = np.degrees(np.arctan2(exposure.axis @ e2, exposure.axis @ e1))
     rolls = np.array([base + r for r in roll_offsets_deg])
