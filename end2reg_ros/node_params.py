@@ -145,9 +145,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("model_frame", "string", "auto", "",
               "frame of the model's meshes: user (any rigid frame, e.g. the CT's LPS/RAS "
               "scanner coordinates: the spine frame is derived from the anatomy), package "
-              "(already in the package's spine frame, as `end2reg synth` writes) or auto "
-              "(derive it; keep the files' frame when they are in the package frame "
-              "already). Every output (tf child_frame, ~/result, ~/model, the plan) is "
+              "(already in the package's spine frame: used as it is) or auto (as user; a "
+              "single-vertebra model as package), so that results do not depend on where "
+              "the meshes were put. Every output (tf child_frame, ~/result, ~/model, the plan) is "
               "expressed in the meshes' own coordinates",
               _choice("auto", "package", "user"), choices=("auto", "package", "user")),
     ParamSpec("model_units", "string", "mm", "",

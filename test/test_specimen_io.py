@@ -35,7 +35,7 @@ def test_round_trip(specimen, tmp_path):
     ]
     header = (model / "targets.csv").read_text().splitlines()[0]
     assert header == "level,name,x_mm,y_mm,z_mm"
-    loaded = load_specimen(model)
+    loaded = load_specimen(model, frame="package")  # the files as written
     assert loaded.name == "spec_io"  # the parent of model/
     assert loaded.levels == specimen.levels
     for a, b in zip(specimen.vertebrae, loaded.vertebrae):
@@ -61,7 +61,7 @@ def test_other_formats_and_subset_of_levels(specimen, tmp_path, ext):
         path = tmp_path / f"{v.level}.{ext}"
         _write_o3d(path, v.vertices, v.faces)
         files.append(path)
-    loaded = load_specimen(tmp_path)
+    loaded = load_specimen(tmp_path, frame="package")  # the files' coordinates, to compare
     assert loaded.levels == ["L2", "L3", "L4"]
     for a, b in zip(specimen.vertebrae[1:4], loaded.vertebrae):
         # STL duplicates vertices per triangle: compare the triangles' corner coordinates

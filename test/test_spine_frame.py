@@ -107,11 +107,20 @@ def test_metres_detected_by_size():
 # ----------------------------------------------------------------------------- loading
 
 
-def test_synthetic_model_loads_bit_identical_in_the_package_frame(specimen, tmp_path):
+def test_synthetic_model_gets_its_derived_frame_and_package_keeps_the_files(specimen, tmp_path):
+    """``auto`` (default) derives the frame for the package's own specimens too (within the
+    tolerance above of the generator's), mapping back onto the files exactly; ``package``
+    loads them bit-identical."""
     save_specimen(specimen, tmp_path)
     loaded = load_specimen(tmp_path)  # frame="auto"
-    np.testing.assert_array_equal(loaded.user_from_spine, np.eye(4))
+    angle, shift = frame_offset(loaded.user_from_spine)
+    assert 0.0 < angle < 1.5 and shift < 2.0
     for a, b in zip(specimen.vertebrae, loaded.vertebrae):
+        np.testing.assert_allclose(transform_points(loaded.user_from_spine, b.vertices),
+                                   a.vertices, atol=1e-6)
+    as_is = load_specimen(tmp_path, frame="package")
+    np.testing.assert_array_equal(as_is.user_from_spine, np.eye(4))
+    for a, b in zip(specimen.vertebrae, as_is.vertebrae):
         np.testing.assert_array_equal(b.vertices, a.vertices)
 
 

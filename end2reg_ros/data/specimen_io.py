@@ -27,12 +27,11 @@ frame of the files:
   ``user_from_spine`` is the identity (the behaviour before frames were derived).
 * ``"user"``: the spine frame is derived from the anatomy (at least two levels) and the
   model is moved into it; ``user_from_spine`` is the derived transform.
-* ``"auto"`` (default): derive the frame as for ``"user"``; when the derived frame is within
-  :data:`PACKAGE_FRAME_TOLERANCE_DEG` and :data:`PACKAGE_FRAME_TOLERANCE_MM` of the files'
-  own frame, the files are taken to be in the package frame (identity, vertices untouched:
-  the specimens written by ``end2reg synth`` load bit-identical, their derived frame is
-  within 1 deg / 1.3 mm of the generator's); otherwise as ``"user"``. A model with a
-  single level is taken as ``"package"``.
+* ``"auto"`` (default): as ``"user"`` for two or more levels, so that a model gives the same
+  results wherever its files put it (the package's own synthetic specimens included: their
+  derived frame is within 1 deg / 1.3 mm of the generator's, and ``user_from_spine`` maps
+  outputs back into the files' frame); a model with a single level is taken as
+  ``"package"``.
 
 Units (``units=``): ``"mm"`` (default; a mesh whose largest extent is below 1.0 is rejected
 as "looks like metres"), ``"m"`` (scaled by 1000 on load), ``"auto"`` (the rule of
@@ -56,9 +55,6 @@ from end2reg_ros.types import LEVELS, Specimen, Vertebra
 
 FRAMES = ("auto", "package", "user")
 UNITS = ("mm", "m", "auto")
-#: ``frame="auto"`` keeps the files' frame when the derived spine frame is this close to it
-PACKAGE_FRAME_TOLERANCE_DEG = 10.0
-PACKAGE_FRAME_TOLERANCE_MM = 25.0
 
 TARGETS_FILE = "targets.csv"
 TARGETS_HEADER = ("level", "name", "x_mm", "y_mm", "z_mm")
@@ -236,7 +232,6 @@ def _to_spine_frame(specimen: Specimen, frame: str, units: str, where: str) -> S
     from end2reg_ros.spine_frame import (
         detect_mm_per_unit,
         fit_spine_frame,
-        frame_offset,
         transform_specimen,
     )
 
@@ -262,10 +257,6 @@ def _to_spine_frame(specimen: Specimen, frame: str, units: str, where: str) -> S
             + ("; if the meshes are in the package's spine frame already, load them with "
                "frame 'package'" if frame == "auto" else "")
         ) from exc
-    if frame == "auto":
-        angle, shift = frame_offset(fit.user_from_spine)
-        if angle <= PACKAGE_FRAME_TOLERANCE_DEG and shift <= PACKAGE_FRAME_TOLERANCE_MM:
-            return specimen
     canonical = transform_specimen(specimen, fit.spine_from_user)
     canonical.user_from_spine = fit.user_from_spine
     return canonical

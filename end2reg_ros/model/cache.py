@@ -28,7 +28,7 @@ from end2reg_ros.model.preprocess import ModelCloud, SceneCloud, build_scene, pr
 from end2reg_ros.types import LEVELS
 
 LOGGER = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: ground truth composed with the model's user_from_spine
+CACHE_VERSION = 3  # 2: ground truth composed with user_from_spine; 3: "auto" always derives the frame
 INFO_FILE = "cache.json"
 
 
