@@ -148,3 +148,19 @@ def test_gate_summary_counts_false_accepts_by_the_frame_median_tre():
 def test_unknown_init_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="init"):
         evaluation.evaluate(tiny, ["oracle"], init="ground-truth", progress=False)
+
+
+def test_gate_choice_needs_the_limits_in_sample_and_out_of_fold():
+    from end2reg_ros.calibration import choose_threshold
+
+    def row(t, fa, over5):
+        return {"min_confidence": t, "accepted_rate": 1.0 - t, "false_accept_2mm": fa,
+                "accepted_over_5mm": over5}
+
+    in_sample = [row(0.5, 0.02, 1), row(0.8, 0.0, 0), row(0.9, 0.0, 0), row(0.95, 0.0, 0)]
+    out_of_fold = [row(0.5, 0.03, 2), row(0.8, 0.007, 1), row(0.9, 0.004, 0), row(0.95, 0.0, 0)]
+    assert choose_threshold(in_sample, 0.005)["min_confidence"] == 0.8
+    assert choose_threshold(in_sample, 0.005, out_of_fold)["min_confidence"] == 0.9
+    assert choose_threshold(in_sample, 0.0, out_of_fold)["min_confidence"] == 0.95
+    never = [row(t["min_confidence"], 0.5, 3) for t in in_sample]
+    assert choose_threshold(never, 0.005)["min_confidence"] == 0.95  # the highest tried
