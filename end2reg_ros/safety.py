@@ -32,7 +32,7 @@ class SafetyLimits:
     (clock skew between camera driver and node).
     """
 
-    min_confidence: float = 0.8
+    min_confidence: float = 0.95
     max_residual_mm: float = 5.0
     min_points: int = 200
     max_age_s: float = 2.0

@@ -16,7 +16,7 @@ GOOD_POSE = make_pose(axis_angle_to_matrix([0, 1, 0], np.pi), [10.0, -5.0, 350.0
 
 def good_kwargs(**overrides):
     kwargs = dict(
-        cam_from_spine=GOOD_POSE, confidence=0.9, residual_mm=1.2, num_points=5000,
+        cam_from_spine=GOOD_POSE, confidence=0.99, residual_mm=1.2, num_points=5000,
         stamp_ns=100 * S, now_ns=100 * S + S // 10,
     )
     kwargs.update(overrides)
