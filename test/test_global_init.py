@@ -16,14 +16,14 @@ from end2reg_ros.metrics import frame_metrics
 from end2reg_ros.pipeline import RegistrationPipeline
 from end2reg_ros.registration import make_method
 from end2reg_ros.registration.global_init import (
-    fine_scores,
-    refine_hypotheses,
     GlobalSearchConfig,
     Hypothesis,
     candidate_anchors,
     find_exposure,
+    fine_scores,
     fit_support_plane,
     propose_initial_poses,
+    refine_hypotheses,
     rotation_from_normal_roll,
     score_hypotheses,
 )

@@ -208,7 +208,7 @@ def test_evaluate_scores_a_model_in_ct_coordinates_like_the_package_frame(scene,
     inv(ct_from_package)``); the CT model is loaded with a derived frame, the package one
     with ``frame="user"`` as well so that both pipelines see the same canonical model."""
     from end2reg_ros import evaluation
-    from end2reg_ros.data import bag, dataset
+    from end2reg_ros.data import dataset
 
     specimen, frames = scene
     roots = package_and_ct_datasets(specimen, frames, tmp_path)
