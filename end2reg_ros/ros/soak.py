@@ -382,11 +382,15 @@ def measure(args, bag: Path, log_dir: Path) -> tuple[Received, bool, float | Non
 
 def full_registration(folder: Path, args) -> dict:
     """Median TRE of full (global, ``tracking=False``) registration by the node's pipeline
-    on every ``args.full_every``-th frame of the recording, offline; cached per recording."""
+    on every ``args.full_every``-th frame of the recording, offline; cached per recording and
+    code commit (never reused outside a git checkout: the figures depend on the code)."""
+    from end2reg_ros.evaluation import _git_commit
+
     cache = folder.parent / "full_registration.json"
     settings = json.loads((folder / "settings.json").read_text())
-    key = {"recording": settings, "every": args.full_every}
-    if cache.exists():
+    commit = _git_commit()
+    key = {"recording": settings, "every": args.full_every, "commit": commit}
+    if cache.exists() and commit is not None:
         cached = json.loads(cache.read_text())
         if cached.get("key") == key:
             print(f"[benchmark-node] reusing the full-registration figures in {cache}")
