@@ -857,6 +857,12 @@ def main(args: list[str] | None = None) -> int:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+        if threading.current_thread() is threading.main_thread():
+            # the exit is clean from here on; a further SIGINT/SIGTERM (a launcher that
+            # escalates) arriving while the interpreter finalises, where Python puts the
+            # default handlers back, would otherwise end it as "killed by SIGTERM"
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
     return code
 
 
