@@ -35,7 +35,13 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from end2reg_ros.geometry import invert, make_pose, transform_points
+from end2reg_ros.geometry import (
+    axis_angle_to_matrix,
+    invert,
+    make_pose,
+    rotation_vector,
+    transform_points,
+)
 from end2reg_ros.registration.depth_check import (
     DepthAgreement,
     SurfaceSamples,
@@ -444,17 +450,12 @@ class RegistrationPipeline:
         pose = self.last_pose
         if self.velocity is None or not self.velocity_dt_ns or self.last_stamp_ns is None:
             return pose
-        from end2reg_ros.geometry import axis_angle_to_matrix, rotation_vector
-
         ratio = (stamp_ns - self.last_stamp_ns) / self.velocity_dt_ns
         ratio = float(np.clip(ratio, 0.0, 3.0))
         rotvec = rotation_vector(self.velocity[:3, :3]) * ratio
-        angle = float(np.linalg.norm(rotvec))
-        step = np.eye(4)
-        step[:3, :3] = axis_angle_to_matrix(rotvec, angle) if angle > 0 else np.eye(3)
+        rotation = axis_angle_to_matrix(rotvec, float(np.linalg.norm(rotvec)))
         # translation of the velocity scaled the same way (small motions: first order)
-        step[:3, 3] = self.velocity[:3, 3] * ratio
-        return step @ pose
+        return make_pose(rotation, self.velocity[:3, 3] * ratio) @ pose
 
     def _icp_from(self, frame: Frame, start: np.ndarray, region: cKDTree | None):
         """Point-to-plane ICP of the scene points near ``region`` (spine frame; None = the

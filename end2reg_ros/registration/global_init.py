@@ -32,7 +32,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from end2reg_ros.camera import CameraIntrinsics, backproject
-from end2reg_ros.geometry import axis_angle_to_matrix, rotation_angle_deg, transform_points
+from end2reg_ros.geometry import (
+    axis_angle_to_matrix,
+    make_pose,
+    rotation_angle_deg,
+    transform_points,
+)
 from end2reg_ros.registration.depth_check import SurfaceSamples, depth_residuals
 
 
@@ -424,6 +429,15 @@ def scene_maps(depth_mm: np.ndarray, camera: CameraIntrinsics, stride: int = 2):
     return points, normals, ok
 
 
+def _posed(poses: np.ndarray, points: np.ndarray, normals: np.ndarray):
+    """Model points and normals (P, 3) under every pose (H, 4, 4): ``(points (H, P, 3),
+    normals (H, P, 3), facing the camera (H, P))`` in the optical frame."""
+    rot = poses[:, :3, :3]
+    q = np.einsum("hij,pj->hpi", rot, points) + poses[:, None, :3, 3]
+    qn = np.einsum("hij,pj->hpi", rot, normals)
+    return q, qn, np.einsum("hpi,hpi->hp", qn, q) < 0.0
+
+
 def refine_hypotheses(
     depth_mm: np.ndarray,
     camera: CameraIntrinsics,
@@ -445,9 +459,7 @@ def refine_hypotheses(
     nrm = np.asarray(normals, dtype=np.float64)
     for max_dist, iterations in config.icp_schedule:
         for _ in range(iterations):
-            rot, trans = poses[:, :3, :3], poses[:, :3, 3]
-            q = np.einsum("hij,pj->hpi", rot, pts) + trans[:, None]
-            qn = np.einsum("hij,pj->hpi", rot, nrm)
+            q, qn, facing = _posed(poses, pts, nrm)
             z = q[..., 2]
             with np.errstate(divide="ignore", invalid="ignore"):
                 u = np.rint((camera.fx * q[..., 0] / z + camera.cx) / stride)
@@ -458,7 +470,7 @@ def refine_hypotheses(
             s, n = scene[vi, ui], scene_n[vi, ui]
             with np.errstate(invalid="ignore"):
                 r = np.einsum("hpi,hpi->hp", n, q - s)
-                pair = (inside & trusted[vi, ui] & (np.einsum("hpi,hpi->hp", qn, q) < 0.0)
+                pair = (inside & trusted[vi, ui] & facing
                         & (np.linalg.norm(q - s, axis=-1) < max_dist)
                         & (np.einsum("hpi,hpi->hp", n, qn) > 0.3) & np.isfinite(r))
             m = pair[..., None]
@@ -469,12 +481,8 @@ def refine_hypotheses(
             step = np.linalg.solve(lhs, rhs[..., None])[..., 0]
             for k in np.flatnonzero(pair.sum(axis=1) >= 30):
                 w = step[k, :3]
-                angle = float(np.linalg.norm(w))
-                delta = np.eye(4)
-                if angle > 1e-12:
-                    delta[:3, :3] = axis_angle_to_matrix(w / angle, angle)
-                delta[:3, 3] = step[k, 3:]
-                poses[k] = delta @ poses[k]
+                rotation = axis_angle_to_matrix(w, float(np.linalg.norm(w)))
+                poses[k] = make_pose(rotation, step[k, 3:]) @ poses[k]
     return poses
 
 
@@ -489,11 +497,8 @@ def fine_scores(
     """(H,) ``#agree - violate_weight * #violate`` of the posed model points facing the
     camera, agreement within ``fine_agree_mm``, violation (seen through) beyond
     ``fine_violate_mm``."""
-    poses = np.asarray(poses, dtype=np.float64)
-    q = np.einsum("hij,pj->hpi", poses[:, :3, :3], points) + poses[:, None, :3, 3]
-    qn = np.einsum("hij,pj->hpi", poses[:, :3, :3], normals)
-    res = depth_residuals(depth_mm, camera, q)
-    res = np.where(np.einsum("hpi,hpi->hp", qn, q) < 0.0, res, np.nan)
+    q, _, facing = _posed(np.asarray(poses, dtype=np.float64), points, normals)
+    res = np.where(facing, depth_residuals(depth_mm, camera, q), np.nan)
     with np.errstate(invalid="ignore"):
         agree = (np.abs(res) < config.fine_agree_mm).sum(axis=1)
         violate = (res > config.fine_violate_mm).sum(axis=1)
