@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,63 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> int:
 def python_exe() -> str:
     """The interpreter running the tests (the venv's own python, required by the ROS wheels)."""
     return sys.executable
+
+
+#: the node's default camera topics and name (RealSense driver names)
+NODE = "/end2reg_node"
+COLOR = "/camera/camera/color/image_raw"
+DEPTH = "/camera/camera/aligned_depth_to_color/image_raw"
+INFO = "/camera/camera/color/camera_info"
+
+
+class CameraSide:
+    """Test side of a node run in its own process: publishes the camera topics like a driver
+    (reliable), collects the node's results (and, with ``tf``, the transforms on /tf), and
+    spins while watching that the node process is still alive."""
+
+    def __init__(self, context, name: str, tf: bool = False) -> None:
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.node import Node
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import CameraInfo, Image
+
+        from end2reg_ros.msg import RegistrationResult
+
+        self.node = Node(name, context=context)
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        self.pubs = (self.node.create_publisher(Image, COLOR, reliable),
+                     self.node.create_publisher(Image, DEPTH, reliable),
+                     self.node.create_publisher(CameraInfo, INFO, reliable))
+        self.results: list = []
+        self.tf: list = []
+        self.node.create_subscription(RegistrationResult, f"{NODE}/result",
+                                      self.results.append, QoSProfile(depth=100))
+        if tf:
+            from tf2_msgs.msg import TFMessage
+
+            self.node.create_subscription(
+                TFMessage, "/tf", lambda m: self.tf.extend(m.transforms),
+                QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(self.node)
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+
+    def spin_until(self, condition, timeout: float, proc, log_path: Path) -> bool:
+        """Spin until ``condition()`` or ``timeout`` s; fails the test if the node exits."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if condition():
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.0:
+                return False
+            self.executor.spin_once(timeout_sec=min(remaining, 0.01))
+            if proc.poll() is not None:
+                pytest.fail(f"node exited early ({proc.returncode}):\n{log_path.read_text()}")
+
+    def spin_for(self, seconds: float, proc, log_path: Path) -> None:
+        self.spin_until(lambda: False, seconds, proc, log_path)
+

@@ -19,15 +19,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import requires_rclpy, start_process, stop_process
+from conftest import CameraSide, requires_rclpy, start_process, stop_process
 
 pytestmark = [requires_rclpy, pytest.mark.timeout(300)]
 
-NODE = "/end2reg_node"
 FRAME_ID = "camera_color_optical_frame"
-COLOR = "/camera/camera/color/image_raw"
-DEPTH = "/camera/camera/aligned_depth_to_color/image_raw"
-INFO = "/camera/camera/color/camera_info"
 PERIOD_NS = 1_000_000_000 // 30
 VISIBLE_BEFORE, HIDDEN, VISIBLE_AFTER = 30, 60, 60  # frames at 30 Hz: 1 s, 2 s, 2 s
 DRAPE_RGB = (60, 125, 140)
@@ -90,35 +86,11 @@ def static_views():
     return visible, hidden
 
 
-class Camera:
+class Camera(CameraSide):
     """Test-side camera (publishes pre-built messages with new stamps) and listener."""
 
     def __init__(self, context) -> None:
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.node import Node
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
-        from sensor_msgs.msg import CameraInfo, Image
-        from tf2_msgs.msg import TFMessage
-
-        from end2reg_ros.msg import RegistrationResult
-
-        self.node = Node("hidden_spine_camera", context=context)
-        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-        self.pubs = (self.node.create_publisher(Image, COLOR, reliable),
-                     self.node.create_publisher(Image, DEPTH, reliable),
-                     self.node.create_publisher(CameraInfo, INFO, reliable))
-        self.results: list = []
-        self.tf: list = []
-        self.node.create_subscription(RegistrationResult, f"{NODE}/result",
-                                      self.results.append, QoSProfile(depth=100))
-        self.node.create_subscription(TFMessage, "/tf", lambda m: self.tf.extend(m.transforms),
-                                      QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE))
-        self.executor = SingleThreadedExecutor(context=context)
-        self.executor.add_node(self.node)
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self.node.destroy_node()
+        super().__init__(context, "hidden_spine_camera", tf=True)
 
     @staticmethod
     def messages(frame) -> tuple:
@@ -138,15 +110,6 @@ class Camera:
         self.pubs[2].publish(info)
         self.pubs[1].publish(depth)
         self.pubs[0].publish(color)
-
-    def spin_for(self, seconds: float, proc, log_path) -> None:
-        deadline = time.monotonic() + seconds
-        while True:
-            self.executor.spin_once(timeout_sec=max(min(deadline - time.monotonic(), 0.01), 0.0))
-            if proc.poll() is not None:
-                pytest.fail(f"node exited with {proc.returncode}:\n{log_path.read_text()}")
-            if time.monotonic() >= deadline:
-                return
 
 
 def test_no_tf_while_the_spine_is_hidden_and_tf_again_within_1s_after(

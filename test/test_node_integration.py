@@ -16,15 +16,20 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, requires_rclpy, start_process, stop_process
+from conftest import (
+    COLOR,
+    DEPTH,
+    INFO,
+    NODE,
+    REPO,
+    requires_rclpy,
+    start_process,
+    stop_process,
+)
 
 pytestmark = [requires_rclpy, pytest.mark.timeout(240)]
 
-NODE = "/end2reg_node"
 FRAME_ID = "camera_color_optical_frame"
-COLOR = "/camera/camera/color/image_raw"
-DEPTH = "/camera/camera/aligned_depth_to_color/image_raw"
-INFO = "/camera/camera/color/camera_info"
 # the default method and gate; every frame registered globally (the frames are independent
 # views, not a camera stream to track); frames are sent one by one, so they may grow old
 COMMON_ARGS = ["-p", "tracking:=false", "-p", "max_age_s:=60.0"]

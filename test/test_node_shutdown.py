@@ -16,15 +16,11 @@ import time
 
 import numpy as np
 import pytest
-from conftest import requires_rclpy, start_process, stop_process
+from conftest import CameraSide, requires_rclpy, start_process, stop_process
 
 pytestmark = [requires_rclpy, pytest.mark.timeout(300)]
 
-NODE = "/end2reg_node"
 FRAME_ID = "camera_color_optical_frame"
-COLOR = "/camera/camera/color/image_raw"
-DEPTH = "/camera/camera/aligned_depth_to_color/image_raw"
-INFO = "/camera/camera/color/camera_info"
 #: Upper bound for the node to exit after the signal (a hang detector, not a performance
 #: figure: the worker may be in the middle of a registration).
 EXIT_BOUND_S = 60.0
@@ -41,40 +37,11 @@ def frame():
                                    tissue_amount=0.0)))
 
 
-class Camera:
-    """Test side: publishes the camera topics like a driver (reliable, SYSTEM_DEFAULT-like)
-    and counts the node's results."""
+class Camera(CameraSide):
+    """Test side: publishes the camera topics like a driver and counts the node's results."""
 
     def __init__(self, context) -> None:
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.node import Node
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
-        from sensor_msgs.msg import CameraInfo, Image
-
-        from end2reg_ros.msg import RegistrationResult
-
-        self.node = Node("shutdown_test_camera", context=context)
-        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-        self.pubs = (self.node.create_publisher(Image, COLOR, qos),
-                     self.node.create_publisher(Image, DEPTH, qos),
-                     self.node.create_publisher(CameraInfo, INFO, qos))
-        self.results: list = []
-        self.node.create_subscription(RegistrationResult, f"{NODE}/result",
-                                      self.results.append, 10)
-        self.executor = SingleThreadedExecutor(context=context)
-        self.executor.add_node(self.node)
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self.node.destroy_node()
-
-    def spin_until(self, condition, timeout: float, proc, log_path) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not condition():
-            self.executor.spin_once(timeout_sec=0.05)
-            if proc.poll() is not None:
-                pytest.fail(f"node exited early ({proc.returncode}):\n{log_path.read_text()}")
-        return condition()
+        super().__init__(context, "shutdown_test_camera")
 
     def publish(self, frame) -> None:
         from end2reg_ros.ros import conversions as conv
