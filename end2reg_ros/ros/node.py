@@ -39,7 +39,6 @@ frame. For models in the package frame ``user_from_spine`` is the identity.
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import threading
 import time
@@ -69,6 +68,11 @@ from end2reg_ros.geometry import invert, transform_points
 from end2reg_ros.msg import RegistrationResult, StageLatency, VertebraPose
 from end2reg_ros.pipeline import PipelineConfig, RegistrationPipeline, posterior_surface_height
 from end2reg_ros.ros import conversions as conv
+from end2reg_ros.ros.signals import (
+    ignore_stop_signals,
+    init_without_signal_handlers,
+    on_stop_signals,
+)
 from end2reg_ros.ros.sync import ApproximateTimeSync, SyncMonitor, header_stamp_ns
 from end2reg_ros.ros.tf import TF_STATIC_QOS, TfPublisher
 from end2reg_ros.safety import SafetyLimits, check_pose
@@ -800,18 +804,6 @@ def _sample_colour(
     return out
 
 
-def _init_without_signal_handlers(args: list[str] | None) -> None:
-    """``rclpy.init`` without rclpy's own SIGINT/SIGTERM handlers (they shut the context
-    down at once, while the worker may still be publishing: "publisher's context is
-    invalid"). ``signal_handler_options`` exists from Humble on."""
-    try:
-        from rclpy.signals import SignalHandlerOptions
-    except ImportError:
-        rclpy.init(args=args)
-    else:
-        rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-
-
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``end2reg_node`` (console script / ``ros2 run end2reg_ros end2reg_node``).
 
@@ -820,15 +812,10 @@ def main(args: list[str] | None = None) -> int:
     """
     stop = threading.Event()
 
-    def on_signal(signum, _frame) -> None:
-        stop.set()
-
-    # our handlers, installed before rclpy.init, replace rclpy's (which would shut the
-    # context down under the running worker); the spin loop below polls the flag
-    if threading.current_thread() is threading.main_thread():  # signal.signal's rule
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, on_signal)
-    _init_without_signal_handlers(args)
+    # our handlers replace rclpy's (which would shut the context down under the running
+    # worker); the spin loop below polls the flag
+    on_stop_signals(stop.set)
+    init_without_signal_handlers(args)
     node = None
     executor = None
     code = 0
@@ -857,12 +844,7 @@ def main(args: list[str] | None = None) -> int:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
-        if threading.current_thread() is threading.main_thread():
-            # the exit is clean from here on; a further SIGINT/SIGTERM (a launcher that
-            # escalates) arriving while the interpreter finalises, where Python puts the
-            # default handlers back, would otherwise end it as "killed by SIGTERM"
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, signal.SIG_IGN)
+        ignore_stop_signals()  # the exit is clean from here on
     return code
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import select
 import struct
 import sys
 import time
@@ -208,7 +209,11 @@ def replay(
                         "reach them (a subscriber whose QoS is incompatible never matches)")
             if start_paused:
                 print("paused: press Enter to start", flush=True)
-                sys.stdin.readline()
+                # poll, so that Ctrl-C (which shuts the context down) ends the wait too
+                while rclpy.ok(context=context):
+                    if select.select([sys.stdin], [], [], 0.2)[0]:
+                        sys.stdin.readline()
+                        break
 
             # colour header stamps of the first pass, to shift later passes past them
             first_stamp = last_stamp = None
@@ -225,7 +230,7 @@ def replay(
                 frames = 0
                 for connection, log_time, raw in reader.messages(connections=conns):
                     if not rclpy.ok(context=context):
-                        break  # Ctrl-C: rclpy's signal handler shut the context down
+                        break  # Ctrl-C / SIGTERM: the context was shut down
                     topic = connection.topic
                     if topic == TF_STATIC_TOPIC and passes > 0:
                         continue  # latched: once is enough
@@ -275,11 +280,21 @@ def run(args: argparse.Namespace) -> int:
     import rclpy
     from rclpy.executors import ExternalShutdownException
 
+    from end2reg_ros.ros.signals import (
+        ignore_stop_signals,
+        init_without_signal_handlers,
+        on_stop_signals,
+    )
+
     if not (Path(args.bag) / "metadata.yaml").exists():
         print(f"end2reg replay: {args.bag} is not a rosbag2 bag directory (no metadata.yaml)",
               file=sys.stderr)
         return 1
-    rclpy.init()
+    # Ctrl-C / SIGTERM shut the context down; every loop of the replay checks it. (rclpy's
+    # own handler raised KeyboardInterrupt wherever the main thread was: inside a message's
+    # deserialisation it came out as a TypeError and the replay exited with an error.)
+    on_stop_signals(rclpy.try_shutdown)
+    init_without_signal_handlers()
     try:
         stats = replay(
             Path(args.bag),
@@ -299,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         rclpy.try_shutdown()
+        ignore_stop_signals()  # the exit is clean from here on
     counts = ", ".join(f"{t}: {n}" for t, n in sorted(stats.published.items()))
     print(f"published {counts} in {stats.wall_s:.2f} s ({stats.passes} pass(es))")
     return 0
