@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("end2reg_ros.synth.cli", "generate synthetic specimens as rosbag2 recordings"),
     "evaluate": ("end2reg_ros.evaluation", "run registration methods on recordings, print the table"),
     "calibrate": ("end2reg_ros.calibration", "fit the node's confidence on validation reports, choose the gate"),
+    "fit-bone-colour": ("end2reg_ros.registration.bone_colour", "fit the global search's bone colour classifier on labelled recordings"),
     "train": ("end2reg_ros.model.train", "train End2Reg (or an ablation) on recordings"),
     "benchmark-render": ("end2reg_ros.synth.benchmark", "frames per second of the synthetic renderer"),
     "benchmark-inference": ("end2reg_ros.model.benchmark", "per-stage inference time for one frame"),

@@ -109,6 +109,7 @@ def evaluate(
     init: str = "node",
     tracking: bool | None = None,
     calibration=None,
+    bone_colour=None,
 ) -> dict:
     """Run ``methods`` (names for :func:`registration.make_method`) on every specimen/frame.
 
@@ -121,7 +122,9 @@ def evaluate(
     :func:`registration.make_method` (e.g. ``{"end2reg": {"weights": "run/final.safetensors"}}``).
     ``init``: ``node`` or ``prior`` (module docstring). ``tracking``: None = on for
     smooth-motion recordings only. ``calibration``: passed to the pipeline (None = the
-    bundled calibration, False = uncalibrated, for ``end2reg calibrate``). Per-frame records
+    bundled calibration, False = uncalibrated, for ``end2reg calibrate``). ``bone_colour``:
+    the global search's colour classifier (None = the bundled one, False = depth only, or a
+    path). Per-frame records
     of ``--init node`` add ``accepted``, ``reason``, ``mode`` and the verification
     ``features``. Raises ValueError for frames without ground truth.
     """
@@ -164,7 +167,7 @@ def evaluate(
 
             pipelines = {
                 name: RegistrationPipeline(method, specimen, config=PipelineConfig(
-                    tracking=use_tracking), calibration=calibration)
+                    tracking=use_tracking), calibration=calibration, bone_colour=bone_colour)
                 for name, method in built.items()
             }
         else:
@@ -237,6 +240,8 @@ def evaluate(
         "data_dir": str(Path(data_dir).resolve()),
         "init": init,
         "tracking": use_tracking if init == "node" else None,
+        "bone_colour": (None if init != "node" else "bundled" if bone_colour in (None, True)
+                        else "none" if bone_colour is False else str(bone_colour)),
         "seed": int(seed),
         "max_frames": max_frames,
         "commit": _git_commit(),
@@ -360,6 +365,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", default=None, metavar="PATH|none",
                         help="--init node: confidence calibration JSON (default: the bundled "
                         "one); none = uncalibrated, to collect data for `end2reg calibrate`")
+    parser.add_argument("--bone-colour", default=None, metavar="PATH|none",
+                        help="--init node: the global search's bone colour classifier JSON "
+                        "(default: the bundled one); none = depth alone (ablation)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the TRE distributions")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
@@ -399,6 +407,7 @@ def run(args: argparse.Namespace) -> int:
         init=args.init,
         tracking=None if args.tracking == "auto" else args.tracking == "on",
         calibration=False if args.calibration == "none" else args.calibration,
+        bone_colour=False if args.bone_colour == "none" else args.bone_colour,
     )
     print(format_table(report))
     args.report.parent.mkdir(parents=True, exist_ok=True)

@@ -169,6 +169,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("calibration_file", "string", "", "",
               "confidence calibration JSON (`end2reg calibrate`); empty = the bundled one",
               _existing_file_or_empty),
+    ParamSpec("bone_colour_file", "string", "", "",
+              "bone colour classifier JSON of the global search (`end2reg fit-bone-colour`); "
+              "empty = the bundled one, `none` = rank the search's poses on depth alone",
+              lambda v: None if v == "none" else _existing_file_or_empty(v)),
     # --- outputs
     ParamSpec("child_frame", "string", "spine", "",
               "tf2 child frame of the registered spine (parent = the input's optical frame)",

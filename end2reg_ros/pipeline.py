@@ -49,6 +49,7 @@ from end2reg_ros.registration.depth_check import (
     posterior_visible,
     surface_samples,
 )
+from end2reg_ros.registration.bone_colour import DEFAULT_BONE_COLOUR, BoneColourModel
 from end2reg_ros.registration.global_init import GlobalSearchConfig, propose_initial_poses
 from end2reg_ros.safety import SafetyGate, SafetyLimits
 from end2reg_ros.types import Frame, RegistrationEstimate, RegistrationMethod, Specimen
@@ -215,6 +216,7 @@ class RegistrationPipeline:
         config: PipelineConfig | None = None,
         calibration: ConfidenceModel | str | Path | bool | None = None,
         surface_height_mm: float | None = None,
+        bone_colour: BoneColourModel | str | Path | bool | None = None,
     ) -> None:
         self.method = method
         self.specimen = specimen
@@ -227,6 +229,13 @@ class RegistrationPipeline:
         #: False: uncalibrated (``confidence`` = the method's inlier fraction; for collecting
         #: calibration data only, never for a robot)
         self.calibration = calibration
+        if bone_colour is True or bone_colour is None:
+            bone_colour = DEFAULT_BONE_COLOUR
+        if isinstance(bone_colour, (str, Path)):
+            bone_colour = BoneColourModel.load(bone_colour)
+        #: weights the global search's depth agreement by how bone-like each pixel looks
+        #: (False: depth only)
+        self.bone_colour = bone_colour
         if surface_height_mm is None:
             surface_height_mm, _ = posterior_surface_height(specimen)
         self.surface_height_mm = float(surface_height_mm)
@@ -399,8 +408,12 @@ class RegistrationPipeline:
     # ------------------------------------------------------------------ global
     def _global(self, frame: Frame, stages: dict[str, float]):
         t0 = time.perf_counter()
+        bone = None  # colour not registered to the depth pixels: depth only
+        if self.bone_colour is not False and frame.color.shape[:2] == frame.depth_mm.shape:
+            bone = self.bone_colour.probability(frame.color)
         hyps = propose_initial_poses(frame.depth_mm, frame.camera, self.search_surface,
-                                     self.surface_point, self.config.global_search)
+                                     self.surface_point, self.config.global_search,
+                                     bone_probability=bone)
         stages["search"] = (time.perf_counter() - t0) * 1e3
         if not hyps:
             raise ValueError("the global search found no hypothesis")

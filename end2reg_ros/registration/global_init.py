@@ -98,6 +98,10 @@ class GlobalSearchConfig:
     refined_top_k: int = 3
     refined_distinct_mm: float = 8.0
     refined_distinct_deg: float = 10.0
+    #: with a bone probability map (:mod:`end2reg_ros.registration.bone_colour`), a model
+    #: point agreeing with the depth counts ``colour_base + p(bone)`` of its pixel instead
+    #: of 1, and a violation ``colour_base + 0.5``
+    colour_base: float = 0.25
 
 
 @dataclass
@@ -257,6 +261,7 @@ def score_hypotheses(
     config: GlobalSearchConfig = GlobalSearchConfig(),
     rng: np.random.Generator | None = None,
     agree_depth_mm: np.ndarray | None = None,
+    bone_probability: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score every (rotation, anchor) pair: returns ``scores`` (R, A) and the best depth
     offsets (R, A) in mm along the optical axis.
@@ -264,7 +269,9 @@ def score_hypotheses(
     Pose of pair (r, a): ``cam_from_spine`` with rotation ``rotations[r]`` that puts
     ``surface_point`` (spine frame) at ``anchors[a]``, then shifted along the optical axis by
     the offset where most of the model's depth residuals fall (histogram mode). Score:
-    ``#agree - violate_weight * #violate`` over points facing the camera.
+    ``#agree - violate_weight * #violate`` over points facing the camera. With
+    ``bone_probability`` (H, W), each agreeing point counts ``colour_base + p`` of its pixel
+    and each violation ``colour_base + 0.5`` (see :class:`GlobalSearchConfig`).
     """
     rng = rng or np.random.default_rng(0)
     n = min(config.score_points, len(surface.points))
@@ -288,15 +295,20 @@ def score_hypotheses(
         # of the residuals (bins of offset_bin_mm; residuals beyond the range fall into the
         # first / last bin, where they still count as violations or occlusions)
         cum = _cumulative_histogram(res, config, n_bins)
-        cum_agree = cum if agree_depth_mm is None else _cumulative_histogram(
-            np.where(facing.T, depth_residuals(agree_depth_mm, camera, cam), np.nan),
-            config, n_bins)
+        agree_res = res if agree_depth_mm is None else np.where(
+            facing.T, depth_residuals(agree_depth_mm, camera, cam), np.nan)
+        weights = None if bone_probability is None else (
+            config.colour_base + pixel_values(bone_probability, camera, cam))
+        cum_agree = cum if agree_depth_mm is None and weights is None else (
+            _cumulative_histogram(agree_res, config, n_bins, weights))
         centres = np.arange(n_bins)
         lo = np.clip(centres - half_agree, 0, n_bins)
         hi = np.clip(centres + half_agree + 1, 0, n_bins)
         agree = cum_agree[:, hi] - cum_agree[:, lo]  # (A, n_bins): agreeing with offset = bin
         beyond = np.clip(centres + violate_bins + 1, 0, n_bins)
         violate = cum[:, -1:] - cum[:, beyond]
+        if weights is not None:
+            violate = violate * (config.colour_base + 0.5)
         total = agree - config.violate_weight * violate
         best = np.argmax(total, axis=1)
         shift = bins[best] + config.offset_bin_mm / 2.0
@@ -307,14 +319,30 @@ def score_hypotheses(
     return scores, offsets
 
 
-def _cumulative_histogram(res: np.ndarray, config: GlobalSearchConfig, n_bins: int) -> np.ndarray:
-    """(A, n_bins + 1) cumulative counts of the residuals (A, P) per offset bin (NaN left out)."""
+def _cumulative_histogram(res: np.ndarray, config: GlobalSearchConfig, n_bins: int,
+                          weights: np.ndarray | None = None) -> np.ndarray:
+    """(A, n_bins + 1) cumulative counts (or sums of ``weights`` (A, P)) of the residuals
+    (A, P) per offset bin (NaN left out)."""
     idx = np.floor((res + config.offset_range_mm) / config.offset_bin_mm)
     ok = np.isfinite(idx)
     idx = np.clip(np.where(ok, idx, 0), 0, n_bins - 1).astype(np.int64)
     flat = idx + np.arange(len(res))[:, None] * n_bins
-    hist = np.bincount(flat[ok], minlength=len(res) * n_bins).reshape(len(res), n_bins)
+    hist = np.bincount(flat[ok], weights=None if weights is None else weights[ok],
+                       minlength=len(res) * n_bins).reshape(len(res), n_bins)
     return np.concatenate([np.zeros((len(res), 1)), np.cumsum(hist, axis=1)], axis=1)
+
+
+def pixel_values(image: np.ndarray, camera: CameraIntrinsics, points_cam: np.ndarray) -> np.ndarray:
+    """Values of a per-pixel ``image`` (H, W) at the pixels of optical-frame points
+    (..., 3), mm; 0 where a point is behind the camera or outside the image."""
+    z = points_cam[..., 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.rint(camera.fx * points_cam[..., 0] / z + camera.cx)
+        v = np.rint(camera.fy * points_cam[..., 1] / z + camera.cy)
+    inside = (z > 1.0) & (u >= 0) & (u < camera.width) & (v >= 0) & (v < camera.height)
+    values = np.asarray(image)[np.where(inside, v, 0).astype(np.int64),
+                               np.where(inside, u, 0).astype(np.int64)]
+    return np.where(inside, values, 0.0)
 
 
 def global_hypotheses(
@@ -324,10 +352,14 @@ def global_hypotheses(
     surface_point: np.ndarray,
     config: GlobalSearchConfig = GlobalSearchConfig(),
     seed: int = 0,
+    bone_probability: np.ndarray | None = None,
 ) -> tuple[list[Hypothesis], SupportPlane, Exposure]:
     """The ``top_k`` best distinct initial poses of one frame (best first), the support plane
     and the exposure found. ``surface_point``: spine-frame point of the exposed posterior
     surface above the spine origin (mm), placed at the candidate anchors.
+
+    ``bone_probability``: optional (H, W) map that weights the agreement
+    (:func:`score_hypotheses`).
 
     Raises ValueError when the depth image cannot be used (see :func:`fit_support_plane`).
     """
@@ -339,7 +371,8 @@ def global_hypotheses(
     rolls = np.arange(0.0, 360.0, config.roll_step_deg)
     rotations = np.stack([rotation_from_normal_roll(plane.normal, np.radians(r)) for r in rolls])
     scores, offsets = score_hypotheses(
-        depth, camera, rotations, anchors, surface, np.asarray(surface_point, float), config, rng
+        depth, camera, rotations, anchors, surface, np.asarray(surface_point, float), config, rng,
+        bone_probability=bone_probability,
     )
     order = np.argsort(scores, axis=None)[::-1]
     chosen: list[Hypothesis] = []
@@ -382,6 +415,7 @@ def axis_hypotheses(
     across_mm: tuple[float, ...] | None = None,
     roll_offsets_deg: tuple[float, ...] = (0.0, 180.0),
     config: GlobalSearchConfig = GlobalSearchConfig(),
+    bone_probability: np.ndarray | None = None,
 ) -> list[Hypothesis]:
     """Initial poses with the spine's cranio-caudal axis along the exposure's main axis
     (both directions: the exposure does not tell L1 from L5), at positions around its centre,
@@ -397,7 +431,8 @@ def axis_hypotheses(
     anchors = (exposure.centre + a.reshape(-1, 1) * exposure.axis
                + c.reshape(-1, 1) * exposure.cross)
     scores, offsets = score_hypotheses(depth_mm, camera, rotations, anchors, surface,
-                                       np.asarray(surface_point, float), config)
+                                       np.asarray(surface_point, float), config,
+                                       bone_probability=bone_probability)
     out = []
     for r, rot in enumerate(rotations):
         for k, anchor in enumerate(anchors):
@@ -493,16 +528,21 @@ def fine_scores(
     points: np.ndarray,
     normals: np.ndarray,
     config: GlobalSearchConfig = GlobalSearchConfig(),
+    bone_probability: np.ndarray | None = None,
 ) -> np.ndarray:
     """(H,) ``#agree - violate_weight * #violate`` of the posed model points facing the
     camera, agreement within ``fine_agree_mm``, violation (seen through) beyond
-    ``fine_violate_mm``."""
+    ``fine_violate_mm``; weighted by ``bone_probability`` as in :func:`score_hypotheses`."""
     q, _, facing = _posed(np.asarray(poses, dtype=np.float64), points, normals)
     res = np.where(facing, depth_residuals(depth_mm, camera, q), np.nan)
     with np.errstate(invalid="ignore"):
-        agree = (np.abs(res) < config.fine_agree_mm).sum(axis=1)
+        agreeing = np.abs(res) < config.fine_agree_mm
         violate = (res > config.fine_violate_mm).sum(axis=1)
-    return agree - config.violate_weight * violate
+    if bone_probability is None:
+        return agreeing.sum(axis=1) - config.violate_weight * violate
+    weights = config.colour_base + pixel_values(bone_probability, camera, q)
+    return (np.where(agreeing, weights, 0.0).sum(axis=1)
+            - config.violate_weight * violate * (config.colour_base + 0.5))
 
 
 def propose_initial_poses(
@@ -512,6 +552,7 @@ def propose_initial_poses(
     surface_point: np.ndarray,
     config: GlobalSearchConfig = GlobalSearchConfig(),
     seed: int = 0,
+    bone_probability: np.ndarray | None = None,
 ) -> list[Hypothesis]:
     """The initial poses the registration refines, best first.
 
@@ -525,6 +566,12 @@ def propose_initial_poses(
     15 deg / 20 mm of the truth in 79 % of the frames with 3 proposals (coarse proposal
     alone: 55 % with 6); the best-ranked one in 74 %.
     ``refined_top_k = 0`` gives the coarse proposal (:func:`coarse_initial_poses`).
+
+    ``bone_probability`` (H, W), from the colour image
+    (:class:`~end2reg_ros.registration.bone_colour.BoneColourModel`), weights the agreement
+    of both scores: agreement on pixels that look like bone counts more than on drapes or
+    muscle. On the same development frames: best-ranked proposal right in 81 % of the frames
+    (75 % on depth alone), some proposal in 81 % (79 %).
     """
     if config.refined_top_k <= 0:
         return coarse_initial_poses(depth_mm, camera, surface, surface_point, config, seed)
@@ -532,10 +579,10 @@ def propose_initial_poses(
                        distinct_roll_deg=config.pool_distinct_roll_deg,
                        distinct_position_mm=config.pool_distinct_position_mm)
     pool, plane, exposure = global_hypotheses(depth_mm, camera, surface, surface_point,
-                                              pool_cfg, seed)
+                                              pool_cfg, seed, bone_probability)
     if exposure.found:
         pool += axis_hypotheses(depth_mm, camera, plane, exposure, surface, surface_point,
-                                config=pool_cfg)
+                                config=pool_cfg, bone_probability=bone_probability)
     if not pool:
         return []
     rng = np.random.default_rng(seed)
@@ -545,7 +592,7 @@ def propose_initial_poses(
     nrm = surface.normals[pick].astype(np.float64)
     refined = refine_hypotheses(depth_mm, camera, np.stack([h.cam_from_spine for h in pool]),
                                 pts, nrm, config)
-    scores = fine_scores(depth_mm, camera, refined, pts, nrm, config)
+    scores = fine_scores(depth_mm, camera, refined, pts, nrm, config, bone_probability)
     chosen: list[Hypothesis] = []
     for k in np.argsort(-scores, kind="stable"):
         pose = refined[k]

@@ -220,6 +220,8 @@ class End2RegNode(Node):
             PipelineConfig(tracking=bool(self.p["tracking"])),
             calibration=self.p["calibration_file"] or None,
             surface_height_mm=self.surface_height_mm,
+            bone_colour=(False if self.p["bone_colour_file"] == "none"
+                         else self.p["bone_colour_file"] or None),
         )
         self.gate = self.pipeline.gate
         log.info(f"model frame: {self._describe_model_frame()}")
