@@ -25,6 +25,7 @@ initial pose (it did not improve it).
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as _dt
 import json
 import logging
@@ -174,6 +175,7 @@ def evaluate(
             for method in built.values():
                 method.prepare(specimen)
         cache: dict = {}
+        visible_bone = _visible_bone_pixels(rec.frames_csv)
         for index, frame in enumerate(read_recording(rec.bag_dir)):
             if max_frames is not None and index >= max_frames:
                 break
@@ -226,6 +228,9 @@ def evaluate(
                         "confidence": confidence,
                         "failed": failed,
                         **extra,
+                        **({"visible_bone_share": visible_bone[int(frame.stamp_ns)]
+                            / (frame.camera.width * frame.camera.height)}
+                           if int(frame.stamp_ns) in visible_bone else {}),
                     }
                 )
             bar.update(1)
@@ -236,6 +241,10 @@ def evaluate(
     if init == "node":
         for name in methods:
             summaries[name].update(gate_summary(per_frame[name]))
+    for name in methods:
+        by_bone = visible_bone_summary(per_frame[name])
+        if by_bone:
+            summaries[name]["by_visible_bone"] = by_bone
     report = {
         "data_dir": str(Path(data_dir).resolve()),
         "init": init,
@@ -274,6 +283,62 @@ def gate_summary(records: list[dict]) -> dict:
         "accepted_tre_median_mm": float(np.median([r["tre_median_mm"] for r in acc]))
         if acc else float("nan"),
     }
+
+
+#: Bins of the share of the image showing bone (synthetic recordings' ``frames.csv``):
+#: lower edges, as a fraction of the image's pixels.
+VISIBLE_BONE_BINS = (0.0, 0.003, 0.01)
+
+
+def _visible_bone_pixels(frames_csv: Path) -> dict[int, int]:
+    """stamp_ns -> visible bone pixels (labelled vertebra pixels after occluders) from a
+    synthetic recording's ``frames.csv``; empty when there is none (real data)."""
+    try:
+        with open(frames_csv, newline="") as fh:
+            return {int(row["stamp_ns"]): int(row["bone_pixels"]) for row in csv.DictReader(fh)}
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+def visible_bone_summary(records: list[dict]) -> list[dict]:
+    """Per bin of ``visible_bone_share`` (:data:`VISIBLE_BONE_BINS`): frames, share below
+    2 mm, median TRE and, with the gate, accepted share and accepted frames above 2 mm.
+    Empty when the records carry no visible-bone figure. Shows how much of a failure rate
+    comes from views where little or no bone can be seen at all."""
+    if not records or not all("visible_bone_share" in r for r in records):
+        return []
+    edges = list(VISIBLE_BONE_BINS) + [float("inf")]
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = [r for r in records if lo <= r["visible_bone_share"] < hi]
+        if not sel:
+            continue
+        tre = np.array([r["tre_median_mm"] for r in sel], dtype=float)
+        row = {"from_share": lo, "to_share": hi if np.isfinite(hi) else None,
+               "frames": len(sel), "success_2mm": float(np.mean(tre < 2.0)),
+               "tre_median_mm": float(np.median(tre))}
+        if all("accepted" in r for r in sel):
+            gate = gate_summary(sel)
+            row.update(accepted_rate=gate["accepted_rate"],
+                       accepted_over_2mm=gate["accepted_over_2mm"])
+        out.append(row)
+    return out
+
+
+def format_visible_bone(report: dict) -> str:
+    """Lines of the by-visible-bone breakdown of every method that has one ('' if none)."""
+    lines = []
+    for name, summary in report["methods"].items():
+        for row in summary.get("by_visible_bone", []):
+            hi = row["to_share"]
+            span = (f"{100 * row['from_share']:.1f}-{100 * hi:.1f} %" if hi is not None
+                    else f">= {100 * row['from_share']:.1f} %")
+            gate = (f", accepted {100 * row['accepted_rate']:.0f} %, accepted > 2 mm "
+                    f"{row['accepted_over_2mm']}" if "accepted_rate" in row else "")
+            lines.append(f"{name}: bone {span} of the image: {row['frames']} frames, "
+                         f"< 2 mm {100 * row['success_2mm']:.0f} %, median "
+                         f"{row['tre_median_mm']:.2f} mm{gate}")
+    return "\n".join(lines)
 
 
 #: Initialisations of ``end2reg evaluate --init``.
@@ -410,6 +475,9 @@ def run(args: argparse.Namespace) -> int:
         bone_colour=False if args.bone_colour == "none" else args.bone_colour,
     )
     print(format_table(report))
+    breakdown = format_visible_bone(report)
+    if breakdown:
+        print("by visible bone (synthetic frames.csv):\n" + breakdown)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=1))
     print(f"report: {args.report}")

@@ -145,6 +145,41 @@ def test_gate_summary_counts_false_accepts_by_the_frame_median_tre():
     assert none["accepted_rate"] == 0.0 and none["false_accept_2mm"] == 0.0
 
 
+def test_visible_bone_breakdown_bins_frames_by_the_share_of_bone_in_view():
+    records = [
+        {"visible_bone_share": 0.0, "tre_median_mm": 80.0, "accepted": False},
+        {"visible_bone_share": 0.002, "tre_median_mm": 3.0, "accepted": True},
+        {"visible_bone_share": 0.005, "tre_median_mm": 1.0, "accepted": True},
+        {"visible_bone_share": 0.05, "tre_median_mm": 0.5, "accepted": True},
+        {"visible_bone_share": 0.02, "tre_median_mm": 0.7, "accepted": False},
+    ]
+    rows = evaluation.visible_bone_summary(records)
+    assert [r["frames"] for r in rows] == [2, 1, 2]
+    assert rows[0]["success_2mm"] == 0.0 and rows[0]["accepted_over_2mm"] == 1
+    assert rows[2]["success_2mm"] == 1.0 and rows[2]["accepted_rate"] == 0.5
+    assert rows[2]["to_share"] is None and rows[1]["from_share"] == 0.003
+    # real data has no generator record: no breakdown
+    assert evaluation.visible_bone_summary([{"tre_median_mm": 1.0}]) == []
+
+
+def test_evaluate_reads_visible_bone_from_frames_csv(tiny, tmp_path):
+    """A recording with the generator's frames.csv: every per-frame record carries the
+    visible bone share and the summary its breakdown."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny, root)
+    stamps = [f.stamp_ns for f in bag.read_recording(root / "S3" / "recording")]
+    rows = ["stamp_ns,occluded_fraction,camera_distance_mm,requested_occlusion,bone_pixels,"
+            "layer_pixels"] + [f"{s},0,300,0,{768 * (k + 1)},0" for k, s in enumerate(stamps)]
+    (root / "S3" / "frames.csv").write_text("\n".join(rows) + "\n")
+    report = evaluation.evaluate(root, ["oracle"], max_frames=2, init="prior", progress=False)
+    shares = [r["visible_bone_share"] for r in report["per_frame"]["oracle"]]
+    assert shares == pytest.approx([768 / 76800, 2 * 768 / 76800])
+    assert sum(r["frames"] for r in report["methods"]["oracle"]["by_visible_bone"]) == 2
+    assert "bone >= 1.0 % of the image: 2 frames" in evaluation.format_visible_bone(report)
+
+
 def test_unknown_init_is_a_clear_error(tiny):
     with pytest.raises(ValueError, match="init"):
         evaluation.evaluate(tiny, ["oracle"], init="ground-truth", progress=False)
