@@ -42,6 +42,7 @@ from end2reg_ros.geometry import (
     rotation_vector,
     transform_points,
 )
+from end2reg_ros.registration.bone_colour import DEFAULT_BONE_COLOUR, BoneColourModel
 from end2reg_ros.registration.depth_check import (
     DepthAgreement,
     SurfaceSamples,
@@ -49,7 +50,6 @@ from end2reg_ros.registration.depth_check import (
     posterior_visible,
     surface_samples,
 )
-from end2reg_ros.registration.bone_colour import DEFAULT_BONE_COLOUR, BoneColourModel
 from end2reg_ros.registration.global_init import GlobalSearchConfig, propose_initial_poses
 from end2reg_ros.safety import SafetyGate, SafetyLimits
 from end2reg_ros.types import Frame, RegistrationEstimate, RegistrationMethod, Specimen
