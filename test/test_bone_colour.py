@@ -132,3 +132,31 @@ def test_weighting_ranks_agreement_on_bone_first():
     assert plain[0] == plain[1] > 150
     weighted = fine_scores(depth, CAMERA, poses, points, normals, config, bone)
     assert weighted[1] > 3 * weighted[0] > 0
+
+
+def test_fit_bone_colour_command_writes_a_loadable_model(tmp_path):
+    """`end2reg fit-bone-colour` on a tiny labelled recording: the file loads, states its data
+    and both AUCs, and separates that recording's bone pixels."""
+    from end2reg_ros.cli import main
+    from end2reg_ros.data import bag
+    from end2reg_ros.data.specimen_io import save_specimen
+    from end2reg_ros.synth.generate import render_frames
+
+    root = tmp_path / "data"
+    specimen = generate_specimen(4, "S4")
+    camera = CameraIntrinsics(320, 240, 192.5, 192.5, 159.5, 119.5)
+    frames = list(render_frames(specimen, 2, np.random.default_rng(4), camera, (0.0, 0.0)))
+    save_specimen(specimen, root / "S4" / "model")
+    bag.write_recording(root / "S4" / "recording", frames, specimen_name="S4")
+    (root / "dataset.json").write_text(json.dumps({"specimens": ["S4"]}))
+    out = tmp_path / "bone.json"
+    assert main(["fit-bone-colour", "--data", str(root), "--held-out", str(root), "--out",
+                 str(out), "--frame-step", "1", "--pixels-per-frame", "300",
+                 "--steps", "300"]) == 0
+    model = BoneColourModel.load(out)
+    assert model.provenance["recordings"] == 1 and model.provenance["data"][0].endswith("data")
+    assert model.provenance["train_auc"] > 0.9 and model.provenance["held_out_auc"] > 0.9
+    frame = frames[0]
+    bone = (frame.labels > 0) & (frame.depth_mm > 0)
+    prob = model.probability(frame.color)
+    assert prob[bone].mean() > prob[(frame.depth_mm > 0) & ~bone].mean() + 0.3

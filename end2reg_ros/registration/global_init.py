@@ -17,8 +17,10 @@ What it does assume, and why (posterior approach, patient prone):
 Then every rotation about the plane normal (``roll_step_deg``, 0-360 deg) and a few positions
 in the exposure are scored by :func:`score_hypotheses`: the posed model surface is compared with
 the depth image (agreement within ``agree_mm`` counts for, free-space violations count
-against); each hypothesis first slides along the optical axis to its best depth offset. The
-best distinct hypotheses go on to the registration network, which corrects up to ~15 deg and
+against); each hypothesis first slides along the optical axis to its best depth offset. With
+the colour image, agreement counts more on pixels that look like bone
+(:mod:`end2reg_ros.registration.bone_colour`): exposed bone is pale where drapes, muscle and
+metal are not. The best distinct hypotheses go on to the registration network, which corrects up to ~15 deg and
 ~20 mm; the depth check of the refined poses then picks one (see
 :mod:`end2reg_ros.pipeline`).
 
