@@ -93,21 +93,32 @@ def posterior_visible(samples: SurfaceSamples, specimen) -> SurfaceSamples:
                           samples.levels)
 
 
+def pixel_indices(
+    camera: CameraIntrinsics, points_cam: np.ndarray, stride: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nearest pixel of optical-frame points (..., 3) in mm, in an image subsampled by
+    ``stride``: ``(row, column, inside)``; row and column are 0 where ``inside`` is False
+    (the point is behind the camera or projects outside the image)."""
+    z = points_cam[..., 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.rint((camera.fx * points_cam[..., 0] / z + camera.cx) / stride)
+        v = np.rint((camera.fy * points_cam[..., 1] / z + camera.cy) / stride)
+    cols = -(-camera.width // stride)
+    rows = -(-camera.height // stride)
+    inside = (z > 1.0) & (u >= 0) & (u < cols) & (v >= 0) & (v < rows)
+    return (np.where(inside, v, 0).astype(np.int64), np.where(inside, u, 0).astype(np.int64),
+            inside)
+
+
 def depth_residuals(
     depth_mm: np.ndarray, camera: CameraIntrinsics, points_cam: np.ndarray
 ) -> np.ndarray:
     """``z_obs - z_pred`` (..., P) for optical-frame points (..., P, 3) in mm; NaN where the
     point is behind the camera, projects outside the image or lands on a pixel without depth."""
-    z = points_cam[..., 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u = np.rint(camera.fx * points_cam[..., 0] / z + camera.cx)
-        v = np.rint(camera.fy * points_cam[..., 1] / z + camera.cy)
-    inside = (z > 1.0) & (u >= 0) & (u < camera.width) & (v >= 0) & (v < camera.height)
-    ui = np.where(inside, u, 0).astype(np.int64)
-    vi = np.where(inside, v, 0).astype(np.int64)
+    vi, ui, inside = pixel_indices(camera, points_cam)
     obs = np.asarray(depth_mm, dtype=np.float32)[vi, ui]
     valid = inside & np.isfinite(obs) & (obs > 0)
-    return np.where(valid, obs - z, np.nan)
+    return np.where(valid, obs - points_cam[..., 2], np.nan)
 
 
 @dataclass

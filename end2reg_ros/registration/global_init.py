@@ -40,7 +40,11 @@ from end2reg_ros.geometry import (
     rotation_angle_deg,
     transform_points,
 )
-from end2reg_ros.registration.depth_check import SurfaceSamples, depth_residuals
+from end2reg_ros.registration.depth_check import (
+    SurfaceSamples,
+    depth_residuals,
+    pixel_indices,
+)
 
 
 @dataclass(frozen=True)
@@ -337,14 +341,8 @@ def _cumulative_histogram(res: np.ndarray, config: GlobalSearchConfig, n_bins: i
 def pixel_values(image: np.ndarray, camera: CameraIntrinsics, points_cam: np.ndarray) -> np.ndarray:
     """Values of a per-pixel ``image`` (H, W) at the pixels of optical-frame points
     (..., 3), mm; 0 where a point is behind the camera or outside the image."""
-    z = points_cam[..., 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u = np.rint(camera.fx * points_cam[..., 0] / z + camera.cx)
-        v = np.rint(camera.fy * points_cam[..., 1] / z + camera.cy)
-    inside = (z > 1.0) & (u >= 0) & (u < camera.width) & (v >= 0) & (v < camera.height)
-    values = np.asarray(image)[np.where(inside, v, 0).astype(np.int64),
-                               np.where(inside, u, 0).astype(np.int64)]
-    return np.where(inside, values, 0.0)
+    vi, ui, inside = pixel_indices(camera, points_cam)
+    return np.where(inside, np.asarray(image)[vi, ui], 0.0)
 
 
 def global_hypotheses(
@@ -490,20 +488,13 @@ def refine_hypotheses(
     refined poses (H, 4, 4); a pose with fewer than 30 pairs stays where it is."""
     stride = config.icp_stride
     scene, scene_n, trusted = scene_maps(depth_mm, camera, stride)
-    rows, cols = trusted.shape
     poses = np.array(poses, dtype=np.float64, copy=True)
     pts = np.asarray(points, dtype=np.float64)
     nrm = np.asarray(normals, dtype=np.float64)
     for max_dist, iterations in config.icp_schedule:
         for _ in range(iterations):
             q, qn, facing = _posed(poses, pts, nrm)
-            z = q[..., 2]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                u = np.rint((camera.fx * q[..., 0] / z + camera.cx) / stride)
-                v = np.rint((camera.fy * q[..., 1] / z + camera.cy) / stride)
-            inside = (z > 1.0) & (u >= 0) & (u < cols) & (v >= 0) & (v < rows)
-            ui = np.where(inside, u, 0).astype(np.int64)
-            vi = np.where(inside, v, 0).astype(np.int64)
+            vi, ui, inside = pixel_indices(camera, q, stride)
             s, n = scene[vi, ui], scene_n[vi, ui]
             with np.errstate(invalid="ignore"):
                 r = np.einsum("hpi,hpi->hp", n, q - s)
