@@ -19,6 +19,7 @@ from end2reg_ros.pipeline import (
     RegistrationPipeline,
 )
 from end2reg_ros.registration import make_method
+from end2reg_ros.types import RegistrationMethod
 from end2reg_ros.synth.anatomy import generate_specimen
 from end2reg_ros.synth.generate import ViewSampler, render_frames
 
@@ -164,6 +165,47 @@ def test_tracking_can_be_switched_off(method, specimen, recording):
     pipe = RegistrationPipeline(method, specimen, config=PipelineConfig(tracking=False))
     assert pipe.process(recording[0]).valid
     assert pipe.mode == "global"
+
+
+class _DriftingMethod(RegistrationMethod):
+    """A refinement that drifts 5 mm sideways (optical frame) from wherever it starts, as
+    the network sometimes does from a good start when occluders fill its crop; its
+    segmentation is the real method's."""
+
+    name = "drifting"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def prepare(self, specimen):
+        self.inner.prepare(specimen)
+        self.model = getattr(self.inner, "model", None)
+
+    def register(self, frame, init_cam_from_spine):
+        estimate = self.inner.register(frame, init_cam_from_spine)
+        shift = np.eye(4)
+        shift[0, 3] = 5.0
+        estimate.cam_from_spine = shift @ np.asarray(init_cam_from_spine, dtype=float)
+        return estimate
+
+
+@pytest.mark.parametrize("margin", [0.01, math.inf])
+def test_a_drifting_refinement_does_not_replace_the_search_pose(method, specimen, recording,
+                                                                margin):
+    """The search's own pose of the chosen hypothesis stands when it agrees clearly better
+    with the depth image than what the method made of it; with the guard off (margin inf)
+    the drifted pose comes out."""
+    pipe = RegistrationPipeline(_DriftingMethod(method), specimen, config=PipelineConfig(
+        tracking=False, keep_search_pose_margin=margin))
+    result = pipe.process(recording[0])
+    assert result.estimate is not None
+    tre = _tre(result, recording[0], specimen)
+    if math.isfinite(margin):
+        assert tre < 2.0
+        assert result.features["fit_inliers"] > 0.3  # the method's points, refitted there
+        assert math.isfinite(result.estimate.residual_mm)
+    else:
+        assert tre > 4.0
 
 
 # ---------------------------------------------------------------------- confidence model
