@@ -334,9 +334,11 @@ class RegistrationPipeline:
             confidence = self.calibration.probability(features, mode)
         estimate.confidence = confidence
         now = now_ns() if callable(now_ns) else now_ns
+        level_margin = features.get("level_margin")
+        level_margin = None if level_margin is None else float(level_margin)
         valid, reason = self.gate.check(
             estimate.cam_from_spine, confidence, float(estimate.residual_mm),
-            int(estimate.num_points), frame.stamp_ns, now,
+            int(estimate.num_points), frame.stamp_ns, now, level_margin,
         )
         stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
         if valid:
@@ -345,7 +347,7 @@ class RegistrationPipeline:
             self._lose()
             content_ok, _ = self.gate.check_content(
                 estimate.cam_from_spine, confidence, float(estimate.residual_mm),
-                int(estimate.num_points))
+                int(estimate.num_points), level_margin)
             if content_ok and self.config.tracking:
                 # verified but too old to publish (a slow global registration): never
                 # published, only the start for re-acquiring on the next frames

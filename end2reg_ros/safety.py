@@ -29,7 +29,11 @@ class SafetyLimits:
     ``min_depth_mm`` / ``max_depth_mm``: accepted range of the spine origin's optical-axis
     distance (z of the translation); ``max_lateral_mm``: largest accepted distance of the spine
     origin from the optical axis; ``max_future_s``: how far a stamp may lie in the future
-    (clock skew between camera driver and node).
+    (clock skew between camera driver and node); ``min_level_margin``: smallest accepted
+    level margin (verification score of the pose minus that of the same registration moved
+    by one vertebra cranially or caudally and refined; a fraction of the model's checked
+    points): below it the neighbouring level explains the image almost as well, the
+    wrong-level ambiguity a confidence fitted on few such frames can miss.
     """
 
     min_confidence: float = 0.95
@@ -41,6 +45,7 @@ class SafetyLimits:
     max_lateral_mm: float = 500.0
     max_future_s: float = 0.5
     orthonormal_tolerance: float = 1e-3
+    min_level_margin: float = 0.02
 
 
 def check_pose(pose: np.ndarray, limits: SafetyLimits) -> tuple[bool, str]:
@@ -122,27 +127,31 @@ class SafetyGate:
         num_points: int,
         stamp_ns: int,
         now_ns: int | None,
+        level_margin: float | None = None,
     ) -> tuple[bool, str]:
         """Full gate for one registered frame; records the stamp as processed.
 
         ``now_ns`` None skips the age check (ROS time not available yet: ``use_sim_time``
-        before the first /clock message).
+        before the first /clock message). ``level_margin`` None (a method without that
+        verification) skips the level check.
 
         Order of checks: stamp (ordering, age), pose (finite, orthonormal, range), number of
-        points, confidence, residual. The first failure is the reason.
+        points, confidence, residual, level margin. The first failure is the reason.
         """
         valid, reason = self.check_stamp(stamp_ns, now_ns)
         if stamp_ns > 0:
             self.mark_processed(stamp_ns)
         if not valid:
             return False, reason
-        return self.check_content(cam_from_spine, confidence, residual_mm, num_points)
+        return self.check_content(cam_from_spine, confidence, residual_mm, num_points,
+                                  level_margin)
 
     def check_content(
-        self, cam_from_spine: np.ndarray, confidence: float, residual_mm: float, num_points: int
+        self, cam_from_spine: np.ndarray, confidence: float, residual_mm: float, num_points: int,
+        level_margin: float | None = None,
     ) -> tuple[bool, str]:
         """The checks of :meth:`check` that concern the registration itself (pose, points,
-        confidence, residual), not the frame's stamp or age; records nothing."""
+        confidence, residual, level margin), not the frame's stamp or age; records nothing."""
         valid, reason = check_pose(cam_from_spine, self.limits)
         if not valid:
             return False, reason
@@ -154,5 +163,11 @@ class SafetyGate:
         if not (math.isfinite(residual_mm) and residual_mm <= lim.max_residual_mm):
             return False, (
                 f"residual {residual_mm:.2f} mm > max_residual_mm {lim.max_residual_mm:.2f} mm"
+            )
+        if level_margin is not None and not (math.isfinite(level_margin)
+                                             and level_margin >= lim.min_level_margin):
+            return False, (
+                f"level ambiguous: one vertebra up or down fits almost as well (level margin "
+                f"{level_margin:.3f} < min_level_margin {lim.min_level_margin:.3f})"
             )
         return True, OK

@@ -38,6 +38,8 @@ def test_good_registration_passes_with_reason_ok():
         (dict(now_ns=100 * S + 3 * S), "old"),
         (dict(now_ns=100 * S - 2 * S), "future"),
         (dict(stamp_ns=0, now_ns=S), "no stamp"),
+        (dict(level_margin=0.019), "level ambiguous"),
+        (dict(level_margin=float("nan")), "min_level_margin"),
     ],
 )
 def test_each_threshold_rejects_with_a_reason_naming_it(overrides, words):
@@ -52,6 +54,15 @@ def test_thresholds_are_inclusive_at_the_limit():
         **good_kwargs(confidence=0.5, residual_mm=2.0, num_points=100)
     )
     assert valid, reason
+
+
+def test_level_margin_floor_is_inclusive_and_skipped_when_unknown():
+    gate = SafetyGate(SafetyLimits(min_level_margin=0.02))
+    assert gate.check(**good_kwargs(level_margin=0.02)) == (True, OK)
+    assert gate.check(**good_kwargs(level_margin=None)) == (True, OK)  # not verified: no check
+    assert not gate.check_content(GOOD_POSE, 0.99, 1.2, 5000, level_margin=-0.01)[0]
+    assert SafetyGate(SafetyLimits(min_level_margin=-1.0)).check(
+        **good_kwargs(level_margin=-0.5)) == (True, OK)
 
 
 def test_unknown_now_skips_only_the_age_check():

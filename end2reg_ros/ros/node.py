@@ -359,6 +359,7 @@ class End2RegNode(Node):
             min_depth_mm=float(p["min_depth_mm"]),
             max_depth_mm=float(p["max_depth_mm"]),
             max_lateral_mm=float(p["max_lateral_mm"]),
+            min_level_margin=float(p["min_level_margin"]),
         )
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
