@@ -16,10 +16,16 @@ without its specimen): log-loss, Brier score and the out-of-fold gate table are 
 stored, and drawn beside the in-sample curve in the reliability diagram. They differ a lot
 on the bundled calibration: see the README.
 
+Frames whose level margin is below ``--min-level-margin`` (the gate's floor, default the
+node's) count as refused in the gate tables whatever their confidence; the fit uses them.
+
 Gate: the smallest ``min_confidence`` at which the accepted frames of the validation reports
 contain at most ``--max-false-accept`` (share) with TRE > 2 mm and none with TRE > 5 mm,
 both in-sample and out of fold (the in-sample figures alone are optimistic: on held-out
-sets a threshold chosen on them let wrong-level poses through); printed and written into the calibration file (``extra.recommended_min_confidence``), and
+sets a threshold chosen on them let wrong-level poses through), then ``--margin-steps``
+(default 1) steps of 0.05 higher: a refit on the same frames registered by slightly
+different code moved one wrong-level frame's confidence from 0.76 to 0.98, so the edge of
+the table is not a safe place to stand; printed and written into the calibration file (``extra.recommended_min_confidence``), and
 into the README's table by hand. A reliability diagram (PNG) shows predicted probability
 against the observed share of frames below 2 mm.
 """
@@ -33,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from end2reg_ros.pipeline import DEFAULT_CALIBRATION, FEATURES, MODES, ConfidenceModel
+from end2reg_ros.safety import SafetyLimits
 
 SUCCESS_MM = 2.0
 GROSS_MM = 5.0
@@ -120,11 +127,15 @@ def log_loss(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
-def gate_table(probabilities: np.ndarray, tre: np.ndarray) -> list[dict]:
-    """Accepted share, false accepts (> 2 mm) and gross accepts (> 5 mm) per threshold."""
+def gate_table(probabilities: np.ndarray, tre: np.ndarray,
+               refused: np.ndarray | None = None) -> list[dict]:
+    """Accepted share, false accepts (> 2 mm) and gross accepts (> 5 mm) per threshold;
+    frames flagged in ``refused`` (the gate's other checks, e.g. the level margin) are never
+    accepted."""
     table = []
+    allowed = np.ones(len(tre), bool) if refused is None else ~np.asarray(refused, bool)
     for t in np.round(np.arange(0.05, 1.0, 0.05), 2):
-        acc = probabilities >= t
+        acc = (probabilities >= t) & allowed
         n = int(acc.sum())
         table.append({
             "min_confidence": float(t),
@@ -136,15 +147,16 @@ def gate_table(probabilities: np.ndarray, tre: np.ndarray) -> list[dict]:
 
 
 def choose_threshold(table: list[dict], max_false_accept: float,
-                     out_of_fold: list[dict] | None = None) -> dict:
+                     out_of_fold: list[dict] | None = None, margin_steps: int = 0) -> dict:
     """Smallest threshold meeting the false-accept limits in ``table`` and, when given, in
-    the ``out_of_fold`` table of the same thresholds (the highest tried if none does)."""
+    the ``out_of_fold`` table of the same thresholds, moved up by ``margin_steps`` rows of
+    the table (the highest tried if none does)."""
     def meets(row: dict) -> bool:
         return row["false_accept_2mm"] <= max_false_accept and row["accepted_over_5mm"] == 0
 
     for k, row in enumerate(table):
         if meets(row) and (out_of_fold is None or meets(out_of_fold[k])):
-            return row
+            return table[min(k + max(int(margin_steps), 0), len(table) - 1)]
     return table[-1]
 
 
@@ -211,6 +223,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cross-validation folds, grouped by specimen (default 4)")
     parser.add_argument("--max-false-accept", type=float, default=0.005,
                         help="largest share of accepted frames with TRE > 2 mm (gate choice)")
+    parser.add_argument("--margin-steps", type=int, default=1,
+                        help="recommend this many steps (of 0.05) above the smallest threshold "
+                        "that meets the limits (default 1: a refit of the calibration moves "
+                        "single frames' confidence by more than the table's resolution)")
+    parser.add_argument("--min-level-margin", type=float,
+                        default=SafetyLimits().min_level_margin,
+                        help="the gate's level-margin floor: frames below it count as refused "
+                        "in the gate tables (default: the node's, %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -235,10 +255,12 @@ def run(args: argparse.Namespace) -> int:
                 ignore=ignore, modes=modes)
     probs = np.array([model.probability(r["features"], r.get("mode", "global")) for r in rows])
     oof = out_of_fold(rows, l2, args.folds, ignore, modes)
-    oof_table = gate_table(oof, tre)
+    refused = np.array([not (r["features"].get("level_margin", np.inf)
+                             >= args.min_level_margin) for r in rows])
+    oof_table = gate_table(oof, tre, refused)
     brier = float(np.mean((probs - success) ** 2))
-    table = gate_table(probs, tre)
-    chosen = choose_threshold(table, args.max_false_accept, oof_table)
+    table = gate_table(probs, tre, refused)
+    chosen = choose_threshold(table, args.max_false_accept, oof_table, args.margin_steps)
     model.extra = {
         "frames": len(rows),
         "modes": {m: sum(1 for r in rows if r.get("mode", "global") == m) for m in MODES},
@@ -248,6 +270,9 @@ def run(args: argparse.Namespace) -> int:
         "at_recommended": chosen,
         "gate_table": table,
         "max_false_accept": args.max_false_accept,
+        "margin_steps": args.margin_steps,
+        "min_level_margin": args.min_level_margin,
+        "refused_by_level_margin": int(refused.sum()),
         "l2": l2,
         "ignored_features": list(ignore),
         "in_sample_log_loss": log_loss(probs, success),
@@ -261,6 +286,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(rows)} validation frames ({model.extra['modes']}), {success.mean():.1%} below "
           f"2 mm; L2 {l2:g}; in-sample Brier score {brier:.4f}, out of fold "
           f"{model.extra['out_of_fold_brier']:.4f}")
+    print(f"level margin below {args.min_level_margin:g}: {int(refused.sum())} frames refused "
+          f"whatever their confidence ({int((refused & (tre < SUCCESS_MM)).sum())} of them "
+          "below 2 mm)")
     print("min_confidence | accepted | accepted >2mm | accepted >5mm | out of fold: accepted |"
           " >2mm | >5mm")
     for row, o in zip(table, oof_table):

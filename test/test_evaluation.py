@@ -199,3 +199,7 @@ def test_gate_choice_needs_the_limits_in_sample_and_out_of_fold():
     assert choose_threshold(in_sample, 0.0, out_of_fold)["min_confidence"] == 0.95
     never = [row(t["min_confidence"], 0.5, 3) for t in in_sample]
     assert choose_threshold(never, 0.005)["min_confidence"] == 0.95  # the highest tried
+    # a safety margin: one row above the smallest threshold that meets the limits
+    assert choose_threshold(in_sample, 0.005, out_of_fold, margin_steps=1)["min_confidence"] == 0.95
+    assert choose_threshold(in_sample, 0.005, margin_steps=1)["min_confidence"] == 0.9
+    assert choose_threshold(in_sample, 0.005, margin_steps=5)["min_confidence"] == 0.95
