@@ -157,6 +157,18 @@ class ConfidenceModel:
         }, indent=1) + "\n")
 
 
+def _voxel_means(points: np.ndarray, voxel_mm: float) -> np.ndarray:
+    """Mean of the points (K, 3) in each occupied ``voxel_mm`` cube (the network's scene
+    downsampling, without normals)."""
+    if len(points) == 0 or voxel_mm <= 0:
+        return np.asarray(points, dtype=float)
+    keys = np.floor(np.asarray(points, dtype=float) / voxel_mm).astype(np.int64)
+    _, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    count = np.bincount(inverse).astype(float)
+    return np.stack([np.bincount(inverse, weights=points[:, k]) / count for k in range(3)], 1)
+
+
 def _finite(value: float) -> float:
     value = float(value)
     return value if math.isfinite(value) else 0.0
@@ -448,7 +460,7 @@ class RegistrationPipeline:
         t1 = time.perf_counter()
         start_check = self._verify(frame, start)
         if self._score(start_check) > best_score + self.config.keep_search_pose_margin:
-            best, check = self._keep_search_pose(best, start), start_check
+            best, check = self._keep_search_pose(frame, best, start), start_check
             best_score = self._score(start_check)
         margin = best_score - (max(others) if others else -1.0)
         features = self._features(check, best, margin, support, 0.0)
@@ -457,31 +469,46 @@ class RegistrationPipeline:
         features["hypotheses"] = len(refined)
         return best, features
 
-    def _keep_search_pose(self, estimate: RegistrationEstimate,
+    def _keep_search_pose(self, frame: Frame, estimate: RegistrationEstimate,
                           cam_from_spine: np.ndarray) -> RegistrationEstimate:
-        """``estimate`` moved back to the search's pose ``cam_from_spine``: the fit of the
-        points the method selected (``point_weight > 0.5``) recomputed there, with the
-        method's definitions (inlier share within 2 mm of the model, scaled down below 100
-        points; RMS distance of those within 3 mm)."""
+        """``estimate`` moved back to the search's pose ``cam_from_spine`` (the pose the method
+        started from, whose crop it segmented): its fit recomputed there with the method's
+        definitions. The crop of the frame around the pose (the method's margin), averaged
+        in 2 mm voxels; the method's mask carried from its sampled points
+        (``point_weight > 0.5``) to every voxel by the nearest sampled point; then the inlier
+        share within 2 mm of the model (scaled down below 100 points), the RMS distance and
+        number of the masked points within 3 mm."""
+        from end2reg_ros.model.preprocess import crop_scene
+
         pose = np.asarray(cam_from_spine, dtype=float).copy()
-        kept = np.zeros((0, 3))
-        if estimate.points_cam is not None and estimate.point_weight is not None:
-            kept = np.asarray(estimate.points_cam, float)[np.asarray(estimate.point_weight) > 0.5]
-        if len(kept):
-            dist, _ = self._dense_tree.query(transform_points(invert(pose), kept), k=1,
-                                             distance_upper_bound=10.0)
-            used = dist[dist < 3.0]
-            inliers = float((dist < 2.0).mean()) * min(1.0, len(kept) / 100.0)
-            residual = float(np.sqrt(np.mean(used**2))) if len(used) else float("inf")
-        else:
-            inliers, residual, used = 0.0, float("inf"), ()
-        kept_estimate = RegistrationEstimate(
-            cam_from_spine=pose, confidence=inliers, residual_mm=residual,
-            num_points=int(len(used)), stage_ms=dict(estimate.stage_ms),
-            points_cam=estimate.points_cam, point_weight=estimate.point_weight,
+        inliers, residual, used = 0.0, float("inf"), 0
+        if estimate.points_cam is not None and estimate.point_weight is not None \
+                and len(estimate.points_cam):
+            model = getattr(self.method, "model", None)
+            cfg = getattr(self.method, "cfg", None)
+            bbox_min = model.bbox_min if model is not None else self._dense.min(axis=0)
+            bbox_max = model.bbox_max if model is not None else self._dense.max(axis=0)
+            margin = float(getattr(cfg, "roi_margin_mm", 25.0))
+            voxel = float(getattr(cfg, "voxel_mm", 2.0))
+            points, _, _ = crop_scene(frame, pose, bbox_min, bbox_max, margin, 1)
+            points = _voxel_means(points, voxel)
+            if len(points):
+                _, nearest = cKDTree(np.asarray(estimate.points_cam, float)).query(points, k=1)
+                masked = points[np.asarray(estimate.point_weight)[nearest] > 0.5]
+                if len(masked):
+                    dist, _ = self._dense_tree.query(transform_points(invert(pose), masked),
+                                                     k=1, distance_upper_bound=10.0)
+                    close = dist[dist < 3.0]
+                    inliers = float((dist < 2.0).mean()) * min(1.0, len(masked) / 100.0)
+                    residual = float(np.sqrt(np.mean(close**2))) if len(close) else float("inf")
+                    used = len(close)
+        kept = RegistrationEstimate(
+            cam_from_spine=pose, confidence=inliers, residual_mm=residual, num_points=int(used),
+            stage_ms=dict(estimate.stage_ms), points_cam=estimate.points_cam,
+            point_weight=estimate.point_weight,
         )
-        kept_estimate.fit_inliers = inliers
-        return kept_estimate
+        kept.fit_inliers = inliers
+        return kept
 
     # ------------------------------------------------------------------ tracking
     def _learned_region(self, estimate: RegistrationEstimate) -> cKDTree | None:
