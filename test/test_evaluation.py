@@ -203,3 +203,17 @@ def test_gate_choice_needs_the_limits_in_sample_and_out_of_fold():
     assert choose_threshold(in_sample, 0.005, out_of_fold, margin_steps=1)["min_confidence"] == 0.95
     assert choose_threshold(in_sample, 0.005, margin_steps=1)["min_confidence"] == 0.9
     assert choose_threshold(in_sample, 0.005, margin_steps=5)["min_confidence"] == 0.95
+
+
+def test_gate_table_never_accepts_frames_the_level_floor_refuses():
+    from end2reg_ros.calibration import gate_table
+
+    probabilities = np.array([0.99, 0.99, 0.99, 0.2])
+    tre = np.array([0.5, 0.7, 30.0, 0.6])  # the third: a confident wrong level
+    plain = {row["min_confidence"]: row for row in gate_table(probabilities, tre)}
+    floored = {row["min_confidence"]: row
+               for row in gate_table(probabilities, tre, np.array([False, False, True, False]))}
+    assert plain[0.95]["accepted_over_5mm"] == 1 and plain[0.95]["accepted_rate"] == 0.75
+    assert floored[0.95]["accepted_over_5mm"] == 0 and floored[0.95]["accepted_rate"] == 0.5
+    assert floored[0.95]["false_accept_2mm"] == 0.0
+    assert floored[0.05]["accepted_rate"] == 0.75  # the low-confidence good frame at 0.05
