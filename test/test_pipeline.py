@@ -19,9 +19,9 @@ from end2reg_ros.pipeline import (
     RegistrationPipeline,
 )
 from end2reg_ros.registration import make_method
-from end2reg_ros.types import RegistrationMethod
 from end2reg_ros.synth.anatomy import generate_specimen
 from end2reg_ros.synth.generate import ViewSampler, render_frames
+from end2reg_ros.types import RegistrationMethod
 
 N = len(FEATURES)
 
