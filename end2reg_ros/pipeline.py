@@ -194,6 +194,26 @@ class PipelineConfig:
     #: then does the (slower) global search take over. A camera that moved while the spine
     #: was hidden fails the verification and waits out this window.
     reacquire_s: float = 3.0
+    #: re-acquiring (from a verified pose older than ``track_max_gap_s``: after a loss, or
+    #: the first frame after a slow global registration), when tracking's ICP from that pose
+    #: fails the gate: a second try, whose first ICP with these correspondence distances
+    #: (coarse to fine, mm) brings the stale pose in; tracking's own ICP follows from there
+    #: (empty: no second try). Wider than tracking's: the camera moved for longer, with no
+    #: velocity to predict it. On the benchmark-node recording (30 Hz), a global registration
+    #: at frame 0, 60 or 120 followed 15, 24, 30 or 45 frames later by tracking (12 cases):
+    #: without the second try 5 cases stayed refused for the whole window (7-38 mm off, none
+    #: published); with it all 12 re-acquired (5 by the second try, one of them a frame
+    #: later), none published above 2 mm by re-acquisition. Only for this try: as tracking's
+    #: own distances, (15, 6, 3) let successive frames slide 2-3 mm (refused) and
+    #: (25, 10, 4) published poses 2-4 mm off; as the second try, (15, 6, 3) brought one pose
+    #: in 4.0 mm off (held back, below).
+    reacquire_icp_distances_mm: tuple[float, ...] = (20.0, 8.0, 3.0)
+    #: a pose re-acquired by that second, wide try is not published: tracking goes on from
+    #: it, and publishing resumes with the next frame that verifies (one frame later at
+    #: 30 Hz): a pose brought in from far is checked twice before a robot sees it. (Only that
+    #: try: a stream slower than ``1 / track_max_gap_s`` re-acquires on every frame and must
+    #: still publish.)
+    hold_reacquired_frame: bool = True
     #: refined hypotheses closer than this (mm, at the target points) support each other
     same_pose_mm: float = 5.0
     #: global mode: the registration method's result for the chosen hypothesis is replaced
@@ -340,21 +360,25 @@ class RegistrationPipeline:
             self._lose()
             return PipelineResult(None, False, f"cannot register: {err}", mode, 0.0, {}, stages)
         t0 = time.perf_counter()
-        if self.calibration is False:
-            confidence = float(features.get("fit_inliers", 0.0))
-        else:
-            confidence = self.calibration.probability(features, mode)
-        estimate.confidence = confidence
         now = now_ns() if callable(now_ns) else now_ns
-        level_margin = features.get("level_margin")
-        level_margin = None if level_margin is None else float(level_margin)
-        valid, reason = self.gate.check(
-            estimate.cam_from_spine, confidence, float(estimate.residual_mm),
-            int(estimate.num_points), frame.stamp_ns, now, level_margin,
-        )
+        confidence, level_margin, valid, reason = self._judge(frame, estimate, features, mode, now)
         stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
+        brought_in = False
+        if not valid and reacquiring and self.config.reacquire_icp_distances_mm:
+            # the camera may have moved further than tracking's windows: once more, from wide
+            wide_estimate, wide_features = self._track(frame, stages, True, wide=True)
+            if wide_estimate is not None:
+                judged = self._judge(frame, wide_estimate, wide_features, mode, now)
+                if judged[2]:
+                    estimate, features, brought_in = wide_estimate, wide_features, True
+                    confidence, level_margin, valid, reason = judged
         if valid:
             self._remember(frame, estimate, mode, features)
+            if brought_in and self.config.hold_reacquired_frame:
+                # the track goes on from it; the next frame, tracked from here, must verify
+                # too before anything is published
+                valid, reason = False, ("re-acquired from far: verified, held back until the "
+                                        "next frame verifies from it")
         else:
             self._lose()
             content_ok, _ = self.gate.check_content(
@@ -369,6 +393,23 @@ class RegistrationPipeline:
                     self._start_track(estimate, features)
         return PipelineResult(estimate, valid, reason, mode, confidence, features, stages,
                               int(features.get("hypotheses", 0)))
+
+    def _judge(self, frame: Frame, estimate: RegistrationEstimate, features: dict[str, float],
+               mode: str, now: int | None):
+        """Calibrated confidence (set on ``estimate``), level margin and the gate's verdict:
+        ``(confidence, level_margin, valid, reason)``."""
+        if self.calibration is False:
+            confidence = float(features.get("fit_inliers", 0.0))
+        else:
+            confidence = self.calibration.probability(features, mode)
+        estimate.confidence = confidence
+        level_margin = features.get("level_margin")
+        level_margin = None if level_margin is None else float(level_margin)
+        valid, reason = self.gate.check(
+            estimate.cam_from_spine, confidence, float(estimate.residual_mm),
+            int(estimate.num_points), frame.stamp_ns, now, level_margin,
+        )
+        return confidence, level_margin, valid, reason
 
     def _remember(self, frame: Frame, estimate: RegistrationEstimate, mode: str,
                   features: dict[str, float]) -> None:
@@ -539,24 +580,28 @@ class RegistrationPipeline:
         # translation of the velocity scaled the same way (small motions: first order)
         return make_pose(rotation, self.velocity[:3, 3] * ratio) @ pose
 
-    def _icp_from(self, frame: Frame, start: np.ndarray, region: cKDTree | None):
+    def _icp_from(self, frame: Frame, start: np.ndarray, region: cKDTree | None,
+                  distances_mm: tuple[float, ...] | None = None):
         """Point-to-plane ICP of the scene points near ``region`` (spine frame; None = the
-        whole model) under ``start`` onto the dense model: ``(cam_from_spine, source points
-        (optical frame), their distances to the model after ICP)``, or None when fewer than
-        50 scene points are there."""
+        whole model) under ``start`` onto the dense model, with correspondence distances
+        ``distances_mm`` (coarse to fine; default ``track_icp_distances_mm``):
+        ``(cam_from_spine, source points (optical frame), their distances to the model after
+        ICP)``, or None when fewer than 50 scene points are there."""
         from end2reg_ros.model.inference import _point_to_plane_icp
         from end2reg_ros.model.preprocess import crop_scene
 
         cfg = self.config
+        distances = tuple(distances_mm or cfg.track_icp_distances_mm)
         model = getattr(self.method, "model", None)
         bbox_min = model.bbox_min if model is not None else self._dense.min(axis=0)
         bbox_max = model.bbox_max if model is not None else self._dense.max(axis=0)
-        points, _, _ = crop_scene(frame, start, bbox_min, bbox_max, 10.0, cfg.track_stride)
+        points, _, _ = crop_scene(frame, start, bbox_min, bbox_max, max(10.0, distances[0]),
+                                  cfg.track_stride)
         if len(points) < 50:
             return None
         in_spine = transform_points(invert(start), points)
         tree = region if region is not None else self._dense_tree
-        dist, _ = tree.query(in_spine, k=1, distance_upper_bound=cfg.track_icp_distances_mm[0])
+        dist, _ = tree.query(in_spine, k=1, distance_upper_bound=distances[0])
         source = points[np.isfinite(dist)]
         if len(source) < 50:
             return None
@@ -565,7 +610,7 @@ class RegistrationPipeline:
             source = source[rng.choice(len(source), cfg.track_max_points, replace=False)]
         spine_from_cam = _point_to_plane_icp(
             source, self._dense, self._dense_normals, invert(start),
-            cfg.track_icp_distances_mm, cfg.track_icp_iterations,
+            distances, cfg.track_icp_iterations,
         )
         d, _ = self._dense_tree.query(transform_points(spine_from_cam, source), k=1,
                                       distance_upper_bound=10.0)
@@ -587,13 +632,20 @@ class RegistrationPipeline:
             best_other = max(best_other, self._score(self._verify(frame, out[0])))
         return float(score - best_other) if np.isfinite(best_other) else 1.0
 
-    def _track(self, frame: Frame, stages: dict[str, float], reacquiring: bool = False):
+    def _track(self, frame: Frame, stages: dict[str, float], reacquiring: bool = False,
+               wide: bool = False):
         """ICP from the predicted pose (or, re-acquiring, from the last verified pose) on
-        the learned region; (None, {}) when there is nothing to align."""
+        the learned region; ``wide``: first an ICP with ``reacquire_icp_distances_mm``.
+        (None, {}) when there is nothing to align."""
         cfg = self.config
         t0 = time.perf_counter()
         predicted = self.anchor_pose if reacquiring else self._predicted_pose(frame.stamp_ns)
-        out = self._icp_from(frame, predicted, self.track_region)
+        if wide:  # wide windows to bring the stale pose in, then tracking's own ICP
+            coarse = self._icp_from(frame, predicted, self.track_region,
+                                    cfg.reacquire_icp_distances_mm)
+            out = None if coarse is None else self._icp_from(frame, coarse[0], self.track_region)
+        else:
+            out = self._icp_from(frame, predicted, self.track_region)
         stages["refinement"] = (time.perf_counter() - t0) * 1e3
         if out is None:
             return None, {}

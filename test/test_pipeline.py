@@ -115,6 +115,32 @@ def test_hidden_spine_is_reacquired_from_the_last_verified_pose(pipeline, record
     assert _tre(back, recording[2], specimen) < 1.5
 
 
+def test_a_pose_reacquired_from_far_is_held_back_one_frame(method, specimen, recording):
+    """The last verified pose is 12 mm off the spine's place now (the camera moved while it
+    was hidden): tracking's ICP from there fails the gate, the wide second try brings it in
+    and verifies it, but it is not published; the next frame, tracked from it, is."""
+    pipe = RegistrationPipeline(method, specimen)
+    assert pipe.process(recording[0]).valid
+    pipe.process(_blank(recording[1], recording[1].stamp_ns))  # hidden: lost
+    moved = np.eye(4)
+    moved[:3, 3] = [12.0, -8.0, 4.0]
+    pipe.anchor_pose = moved @ pipe.anchor_pose
+    back = pipe.process(recording[2])
+    assert back.mode == "tracking" and not back.valid and "held back" in back.reason, back.reason
+    assert _tre(back, recording[2], specimen) < 2.0
+    again = dataclasses.replace(recording[2], stamp_ns=recording[2].stamp_ns + 33_333_333)
+    published = pipe.process(again)
+    assert published.mode == "tracking" and published.valid, published.reason
+    assert _tre(published, again, specimen) < 1.5
+    # without the wide try the moved pose is never re-acquired
+    narrow = RegistrationPipeline(method, specimen, config=PipelineConfig(
+        reacquire_icp_distances_mm=()))
+    assert narrow.process(recording[0]).valid
+    narrow.process(_blank(recording[1], recording[1].stamp_ns))
+    narrow.anchor_pose = moved @ narrow.anchor_pose
+    assert not narrow.process(recording[2]).valid
+
+
 def test_flat_surface_far_from_the_spine_is_refused(pipeline, recording):
     """The camera looks at a flat surface 800 mm away (the spine out of the view): tracking
     finds no points, the global search runs and nothing may be published."""
