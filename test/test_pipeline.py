@@ -115,6 +115,32 @@ def test_hidden_spine_is_reacquired_from_the_last_verified_pose(pipeline, record
     assert _tre(back, recording[2], specimen) < 1.5
 
 
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_tracked_jump_is_held_back_and_checked_against_the_whole_model(
+        method, specimen, recording, guarded):
+    """The prediction is 5 mm off (the camera jerked): tracking's ICP on the learned region
+    settles about 4 mm off along the surface and still verifies. With the defaults the jump
+    is held back, the whole model's ICP pulls the pose in, and the next frame publishes;
+    without the hold and the check that pose is published."""
+    config = PipelineConfig() if guarded else PipelineConfig(hold_motion_mm=math.inf,
+                                                            track_check_every=0)
+    pipe = RegistrationPipeline(method, specimen, config=config)
+    assert pipe.process(recording[0]).valid
+    jerk = np.eye(4)
+    jerk[:3, 3] = [4.0, -3.0, 0.0]
+    pipe.last_pose = jerk @ pipe.last_pose
+    jumped = pipe.process(recording[1])
+    assert jumped.mode == "tracking" and jumped.features["motion_mm"] > 2.0
+    if guarded:
+        assert not jumped.valid and "held back" in jumped.reason, jumped.reason
+        assert _tre(jumped, recording[1], specimen) < 1.5  # the whole model's pose
+        following = pipe.process(recording[2])
+        assert following.mode == "tracking" and following.valid, following.reason
+        assert _tre(following, recording[2], specimen) < 1.5
+    else:
+        assert jumped.valid and _tre(jumped, recording[1], specimen) > 2.0
+
+
 def test_a_pose_reacquired_from_far_is_held_back_one_frame(method, specimen, recording):
     """The last verified pose is 12 mm off the spine's place now (the camera moved while it
     was hidden): tracking's ICP from there fails the gate, the wide second try brings it in
