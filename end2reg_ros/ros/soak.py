@@ -496,7 +496,8 @@ def summarise(args, folder: Path, data: Received, replay_start: float | None, fu
         if orig is None:
             continue
         tre = float(np.median(tre_mm(r["pose"], truth[orig], targets, levels)))
-        tre_rows.append({"index": index[orig], "pass": k, "tre_mm": tre, "mode": r["mode"]})
+        tre_rows.append({"index": index[orig], "pass": k, "tre_mm": tre, "mode": r["mode"],
+                         "stamp_ns": r["stamp_ns"], "reason": r["reason"]})
     every = args.full_every if args.full_every > 0 else 0
     comparison = None
     if full is not None and every:
@@ -571,6 +572,9 @@ def summarise(args, folder: Path, data: Received, replay_start: float | None, fu
         "tre_max_mm": max((row["tre_mm"] for row in tre_rows), default=None),
         "published_over_2mm": sum(row["tre_mm"] > 2.0 for row in tre_rows),
         "published_over_5mm": sum(row["tre_mm"] > 5.0 for row in tre_rows),
+        # every published pose above 2 mm, to trace it: recording frame index, loop pass,
+        # stamp, mode
+        "published_over_2mm_frames": [row for row in tre_rows if row["tre_mm"] > 2.0],
         "full_registration": comparison,
         "memory": mem,
         "node_diagnostics": diagnostics,
