@@ -574,28 +574,34 @@ class RegistrationPipeline:
         features["hypotheses"] = len(refined)
         return best, features
 
+    def _model_bbox(self) -> tuple[np.ndarray, np.ndarray]:
+        """The model's bounding box (spine frame, mm): the method's model cloud's when it has
+        one, else the dense surface samples'."""
+        model = getattr(self.method, "model", None)
+        if model is not None:
+            return model.bbox_min, model.bbox_max
+        return self._dense.min(axis=0), self._dense.max(axis=0)
+
     def _keep_search_pose(self, frame: Frame, estimate: RegistrationEstimate,
                           cam_from_spine: np.ndarray) -> RegistrationEstimate:
         """``estimate`` moved back to the search's pose ``cam_from_spine`` (the pose the method
         started from, whose crop it segmented): its fit recomputed there with the method's
         definitions. The crop of the frame around the pose (the method's margin), averaged
         in 2 mm voxels; the method's mask carried from its sampled points
-        (``point_weight > 0.5``) to every voxel by the nearest sampled point; then the inlier
-        share within 2 mm of the model (scaled down below 100 points), the RMS distance and
-        number of the masked points within 3 mm."""
+        (``point_weight > 0.5``) to every voxel by the nearest sampled point; then the fit of
+        those points as the method computes its own
+        (:func:`~end2reg_ros.model.inference.masked_fit`)."""
+        from end2reg_ros.model.inference import masked_fit
         from end2reg_ros.model.preprocess import crop_scene
 
         pose = np.asarray(cam_from_spine, dtype=float).copy()
-        inliers, residual, used = 0.0, float("inf"), 0
+        dist = np.zeros(0)
         if estimate.points_cam is not None and estimate.point_weight is not None \
                 and len(estimate.points_cam):
-            model = getattr(self.method, "model", None)
             cfg = getattr(self.method, "cfg", None)
-            bbox_min = model.bbox_min if model is not None else self._dense.min(axis=0)
-            bbox_max = model.bbox_max if model is not None else self._dense.max(axis=0)
             margin = float(getattr(cfg, "roi_margin_mm", 25.0))
             voxel = float(getattr(cfg, "voxel_mm", 2.0))
-            points, _, _ = crop_scene(frame, pose, bbox_min, bbox_max, margin, 1)
+            points, _, _ = crop_scene(frame, pose, *self._model_bbox(), margin, 1)
             points = _voxel_means(points, voxel)
             if len(points):
                 _, nearest = cKDTree(np.asarray(estimate.points_cam, float)).query(points, k=1)
@@ -603,10 +609,8 @@ class RegistrationPipeline:
                 if len(masked):
                     dist, _ = self._dense_tree.query(transform_points(invert(pose), masked),
                                                      k=1, distance_upper_bound=10.0)
-                    close = dist[dist < 3.0]
-                    inliers = float((dist < 2.0).mean()) * min(1.0, len(masked) / 100.0)
-                    residual = float(np.sqrt(np.mean(close**2))) if len(close) else float("inf")
-                    used = len(close)
+        icp_distance = tuple(np.atleast_1d(getattr(self.method, "icp_max_distance_mm", 3.0)))[-1]
+        inliers, residual, used = masked_fit(dist, float(icp_distance))
         kept = RegistrationEstimate(
             cam_from_spine=pose, confidence=inliers, residual_mm=residual, num_points=int(used),
             stage_ms=dict(estimate.stage_ms), points_cam=estimate.points_cam,
@@ -656,10 +660,7 @@ class RegistrationPipeline:
 
         cfg = self.config
         distances = tuple(distances_mm or cfg.track_icp_distances_mm)
-        model = getattr(self.method, "model", None)
-        bbox_min = model.bbox_min if model is not None else self._dense.min(axis=0)
-        bbox_max = model.bbox_max if model is not None else self._dense.max(axis=0)
-        points, _, _ = crop_scene(frame, start, bbox_min, bbox_max, max(10.0, distances[0]),
+        points, _, _ = crop_scene(frame, start, *self._model_bbox(), max(10.0, distances[0]),
                                   cfg.track_stride)
         if len(points) < 50:
             return None

@@ -88,6 +88,20 @@ def _point_to_plane_icp(
     return pose
 
 
+def masked_fit(dist: np.ndarray, icp_distance_mm: float) -> tuple[float, float, int]:
+    """The method's own fit of its masked scene points from their distances (mm) to the
+    registered model: ``(confidence, residual_mm, num_points)``: the share within
+    :data:`INLIER_MM`, scaled down below :data:`FULL_SUPPORT_POINTS` points; the RMS distance
+    and the number of those within ``max(icp_distance_mm, INLIER_MM)``."""
+    dist = np.asarray(dist, dtype=float)
+    if len(dist) == 0:
+        return 0.0, float("inf"), 0
+    used = dist[dist < max(icp_distance_mm, INLIER_MM)]
+    residual = float(np.sqrt(np.mean(used**2))) if len(used) else float("inf")
+    confidence = float((dist < INLIER_MM).mean()) * min(1.0, len(dist) / FULL_SUPPORT_POINTS)
+    return confidence, residual, len(used)
+
+
 class LearnedRegistration(RegistrationMethod):
     """A trained End2Reg network (or ablation) behind the common interface."""
 
@@ -195,17 +209,12 @@ class LearnedRegistration(RegistrationMethod):
             )
             estimate = invert(spine_from_cam)
         # confidence and residual of the masked points against the registered surface
+        dist = np.zeros(0)
         if len(masked):
             dist, _ = self._model_tree.query(
                 transform_points(invert(estimate), masked), k=1, distance_upper_bound=10.0
             )
-            inlier = float((dist < INLIER_MM).mean())
-            used_dist = dist[dist < max(self.icp_max_distance_mm[-1], INLIER_MM)]
-            residual = float(np.sqrt(np.mean(used_dist**2))) if len(used_dist) else float("inf")
-            num_used = len(used_dist)
-        else:
-            inlier, residual, num_used = 0.0, float("inf"), 0
-        confidence = inlier * min(1.0, len(masked) / FULL_SUPPORT_POINTS)
+        confidence, residual, num_used = masked_fit(dist, self.icp_max_distance_mm[-1])
         stage["refinement"] = (time.perf_counter() - t0) * 1e3
         return RegistrationEstimate(
             cam_from_spine=estimate,
