@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,8 @@ FEATURES = (
     #            tracked frame carries the margin of the global registration it started from)
     "support",  # hypotheses that converged to the chosen pose / hypotheses tried (likewise)
     "motion_mm",  # distance of the result from the predicted pose (tracking), else 0
-    "level_margin",  # score minus that of the pose shifted by one vertebra and refined
+    "level_margin",  # score minus the best of the pose shifted by one vertebra either way
+    #                  and refined (ICP; a weak registration: the method's run too)
 )
 
 
@@ -103,6 +104,13 @@ def _level_step(specimen: Specimen) -> np.ndarray | None:
     if len(centres) < 2:
         return None
     return np.diff(np.asarray(centres), axis=0).mean(axis=0)
+
+
+def _model_centre(specimen: Specimen) -> np.ndarray:
+    """Mean of the vertebral body centres (spine frame, mm)."""
+    return np.mean([np.asarray(v.targets["body_centre"], float) if "body_centre" in v.targets
+                    else np.asarray(v.vertices, float).mean(0) for v in specimen.vertebrae],
+                   axis=0)
 
 
 @dataclass
@@ -245,6 +253,18 @@ class PipelineConfig:
     #: Chosen offline on the same frames: 0.0 rescued as many but swapped 4x as often on
     #: surgical views (their median 0.60 -> 0.66 mm); 0.02 rescued 2 fewer.
     keep_search_pose_margin: float = 0.01
+    #: global mode: a weak registration (verification score below ``rivals_below_score``;
+    #: None: never) is tried against its rivals: the method runs again from the chosen pose
+    #: shifted by one vertebra cranially and caudally and from it reversed (three more
+    #: network passes), and a rival that agrees better with the depth image by more than
+    #: ``rival_swap_margin`` replaces it. Good poses scored 0.09-0.12 at their 10th
+    #: percentile on the validation sets, wrong ones mostly below 0.1.
+    rivals_below_score: float | None = 0.1
+    rival_swap_margin: float = 0.01
+    #: a weak registration also runs the method from the search's next
+    #: ``weak_extra_hypotheses`` ranked hypotheses (after its ``refined_top_k``) before the
+    #: rivals are tried
+    weak_extra_hypotheses: int = 3
     global_search: GlobalSearchConfig = GlobalSearchConfig()
     #: verification: depth agreement / violation thresholds (mm)
     agree_mm: float = 2.5
@@ -311,6 +331,7 @@ class RegistrationPipeline:
         self._dense, self._dense_normals = self._dense_surface()
         self._dense_tree = cKDTree(self._dense)
         self._level_step = _level_step(specimen)
+        self._centre = _model_centre(specimen)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -539,40 +560,120 @@ class RegistrationPipeline:
         bone = None  # colour not registered to the depth pixels: depth only
         if self.bone_colour is not False and frame.color.shape[:2] == frame.depth_mm.shape:
             bone = self.bone_colour.probability(frame.color)
+        cfg = self.config
+        search = cfg.global_search
+        reserve = max(0, cfg.weak_extra_hypotheses) if cfg.rivals_below_score is not None else 0
+        if reserve and search.refined_top_k > 0:
+            search = replace(search, refined_top_k=search.refined_top_k + reserve)
         hyps = propose_initial_poses(frame.depth_mm, frame.camera, self.search_surface,
-                                     self.surface_point, self.config.global_search,
-                                     bone_probability=bone)
+                                     self.surface_point, search, bone_probability=bone)
         stages["search"] = (time.perf_counter() - t0) * 1e3
         if not hyps:
             raise ValueError("the global search found no hypothesis")
-        refined = []
-        for hyp in hyps:
-            estimate = self.method.register(frame, hyp.cam_from_spine)
-            estimate.fit_inliers = float(estimate.confidence)  # the method's own belief
-            for key, ms in estimate.stage_ms.items():
-                stages[key] = stages.get(key, 0.0) + ms
-            t1 = time.perf_counter()
-            check = self._verify(frame, estimate.cam_from_spine)
-            stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
-            refined.append((self._score(check), estimate, check, hyp.cam_from_spine))
+        first = cfg.global_search.refined_top_k if reserve and search.refined_top_k > 0 \
+            else len(hyps)
+        refined = [self._refine_hypothesis(frame, hyp.cam_from_spine, stages)
+                   for hyp in hyps[:first]]
+        if len(hyps) > first and self._weak(max(r[0] for r in refined)):
+            # a weak best: the search's next-ranked hypotheses go through the method too
+            refined += [self._refine_hypothesis(frame, hyp.cam_from_spine, stages)
+                        for hyp in hyps[first:]]
         refined.sort(key=lambda item: -item[0])
         best_score, best, check, start = refined[0]
-        same = [self._target_distance(best.cam_from_spine, e.cam_from_spine)
-                <= self.config.same_pose_mm for _, e, _, _ in refined]
-        others = [s for (s, _, _, _), agree in zip(refined, same) if not agree]
-        support = sum(same) / len(refined)
         # the chosen hypothesis: the search's own pose stands when it agrees clearly better
         t1 = time.perf_counter()
         start_check = self._verify(frame, start)
         if self._score(start_check) > best_score + self.config.keep_search_pose_margin:
             best, check = self._keep_search_pose(frame, best, start), start_check
             best_score = self._score(start_check)
+        stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
+        # the rivals of a weak registration: one vertebra cranially / caudally, reversed
+        rivals = self._rivals(frame, best, best_score, stages)
+        challengers = [r for r in rivals.values() if r[1] is not None]
+        previous = []
+        if challengers:
+            top = max(challengers, key=lambda r: r[0])
+            if top[0] > best_score + self.config.rival_swap_margin:
+                previous = [best_score]
+                best_score, best, check = top
+                rivals = self._rivals(frame, best, best_score, stages, challenge=False)
+        levels = [rivals[k][0] for k in ("cranial", "caudal") if k in rivals]
+        same = [self._target_distance(best.cam_from_spine, e.cam_from_spine)
+                <= self.config.same_pose_mm for _, e, _, _ in refined]
+        others = [s for (s, _, _, _), agree in zip(refined, same) if not agree] + previous
+        support = sum(same) / len(refined)
         margin = best_score - (max(others) if others else -1.0)
         features = self._features(check, best, margin, support, 0.0)
-        features["level_margin"] = self._level_margin(frame, best.cam_from_spine, best_score)
-        stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
+        features["level_margin"] = float(best_score - max(levels)) if levels else 1.0
         features["hypotheses"] = len(refined)
         return best, features
+
+    def _rivals(self, frame: Frame, best: RegistrationEstimate, best_score: float,
+                stages: dict[str, float], challenge: bool = True) -> dict:
+        """The poses a registration is most often confused with, each scored by the depth
+        check: ``{kind: (score, estimate or None, check or None)}``, kinds ``cranial`` /
+        ``caudal`` (``best`` shifted by one vertebra along the spine: look-alike vertebrae)
+        and ``reversed`` (turned 180 deg about the spine's posterior axis through the model's
+        centre: cranial and caudal swapped).
+
+        The levels are always scored by an ICP of the whole model from the shifted pose
+        (estimate None). When ``best`` is weak (score below ``rivals_below_score``) the
+        registration method also runs from each rival start (it corrects ~6 mm / 6 deg but
+        not a level, 35-40 mm, away), and a result that does not come back to ``best``
+        (within ``same_pose_mm``) is a challenger that may replace it (``challenge`` False:
+        the ICP scores only, for the pose that replaced another)."""
+        cfg = self.config
+        out: dict = {}
+        if self._level_step is None:
+            return out
+        starts = {"cranial": make_pose(np.eye(3), -self._level_step),
+                  "caudal": make_pose(np.eye(3), self._level_step)}
+        weak = challenge and self._weak(best_score)
+        if weak:
+            turn = axis_angle_to_matrix(np.array([0.0, 0.0, 1.0]), math.pi)
+            starts["reversed"] = make_pose(turn, self._centre - turn @ self._centre)
+        for kind, rival in starts.items():
+            start = best.cam_from_spine @ rival
+            t1 = time.perf_counter()
+            if kind != "reversed":
+                icp = self._icp_from(frame, start, None)
+                if icp is not None:
+                    out[kind] = (self._score(self._verify(frame, icp[0])), None, None)
+            stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
+            if not weak:
+                continue
+            estimate = self.method.register(frame, start)
+            estimate.fit_inliers = float(estimate.confidence)
+            for key, ms in estimate.stage_ms.items():
+                stages[key] = stages.get(key, 0.0) + ms
+            if self._target_distance(estimate.cam_from_spine, best.cam_from_spine) \
+                    <= cfg.same_pose_mm:
+                continue
+            t1 = time.perf_counter()
+            estimate_check = self._verify(frame, estimate.cam_from_spine)
+            score = self._score(estimate_check)
+            if kind not in out or score >= out[kind][0]:
+                out[kind] = (score, estimate, estimate_check)
+            stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
+        return out
+
+    def _refine_hypothesis(self, frame: Frame, start: np.ndarray, stages: dict[str, float]):
+        """The method run from one search hypothesis, verified:
+        ``(score, estimate, check, start)``."""
+        estimate = self.method.register(frame, start)
+        estimate.fit_inliers = float(estimate.confidence)  # the method's own belief
+        for key, ms in estimate.stage_ms.items():
+            stages[key] = stages.get(key, 0.0) + ms
+        t1 = time.perf_counter()
+        check = self._verify(frame, estimate.cam_from_spine)
+        stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
+        return self._score(check), estimate, check, start
+
+    def _weak(self, score: float) -> bool:
+        """A global registration too weak to stand without its rivals (and, in the search,
+        without the reserve hypotheses): verification score below ``rivals_below_score``."""
+        limit = self.config.rivals_below_score
+        return limit is not None and score < limit
 
     def _model_bbox(self) -> tuple[np.ndarray, np.ndarray]:
         """The model's bounding box (spine frame, mm): the method's model cloud's when it has
@@ -680,22 +781,6 @@ class RegistrationPipeline:
         d, _ = self._dense_tree.query(transform_points(spine_from_cam, source), k=1,
                                       distance_upper_bound=10.0)
         return invert(spine_from_cam), source, d
-
-    def _level_margin(self, frame: Frame, pose: np.ndarray, score: float) -> float:
-        """Verification score of ``pose`` minus the best of the same registration shifted by
-        one vertebra cranially or caudally and refined by ICP: small when the neighbouring
-        level fits (almost) as well, the wrong-level ambiguity of look-alike vertebrae."""
-        shift = self._level_step
-        if shift is None:
-            return 1.0
-        best_other = -np.inf
-        for sign in (1.0, -1.0):
-            start = pose @ make_pose(np.eye(3), sign * shift)
-            out = self._icp_from(frame, start, None)
-            if out is None:
-                continue
-            best_other = max(best_other, self._score(self._verify(frame, out[0])))
-        return float(score - best_other) if np.isfinite(best_other) else 1.0
 
     def _track(self, frame: Frame, stages: dict[str, float], reacquiring: bool = False,
                wide: bool = False):

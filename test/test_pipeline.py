@@ -262,6 +262,73 @@ def test_a_drifting_refinement_does_not_replace_the_search_pose(method, specimen
         assert tre > 4.0
 
 
+class _WrongLevelMethod(RegistrationMethod):
+    """The real method, but its first ``wrong_calls`` results (the global search's
+    hypotheses) land one vertebra caudally of where it put them: the look-alike-level
+    failure of wide views."""
+
+    name = "wrong level"
+
+    def __init__(self, inner, level_step, wrong_calls):
+        self.inner, self.level_step, self.wrong_calls, self.calls = inner, level_step, wrong_calls, 0
+
+    def prepare(self, specimen):
+        self.inner.prepare(specimen)
+        self.model = getattr(self.inner, "model", None)
+
+    def register(self, frame, init_cam_from_spine):
+        estimate = self.inner.register(frame, init_cam_from_spine)
+        self.calls += 1
+        if self.calls <= self.wrong_calls:
+            shift = np.eye(4)
+            shift[:3, 3] = self.level_step
+            estimate.cam_from_spine = np.asarray(estimate.cam_from_spine, float) @ shift
+        return estimate
+
+
+@pytest.mark.parametrize("rivals", [math.inf, None])
+def test_a_weak_wrong_level_registration_loses_to_its_rival(method, specimen, recording, rivals):
+    """Every search hypothesis comes back one level off. Tried against its rivals (the
+    threshold inf makes every registration weak), the method's run from one level cranially
+    wins and the result is right, with a positive level margin; without the rivals the
+    wrong level comes out."""
+    from end2reg_ros.pipeline import _level_step
+
+    step = _level_step(specimen)
+    count = RegistrationPipeline(method, specimen, config=PipelineConfig(
+        tracking=False, rivals_below_score=None)).process(recording[0]).features["hypotheses"]
+    wrong = _WrongLevelMethod(method, step, int(count))
+    pipe = RegistrationPipeline(wrong, specimen, config=PipelineConfig(
+        tracking=False, rivals_below_score=rivals, keep_search_pose_margin=math.inf,
+        weak_extra_hypotheses=0))
+    result = pipe.process(recording[0])
+    tre = _tre(result, recording[0], specimen)
+    if rivals is None:
+        assert tre > 20.0
+        assert wrong.calls == count
+    else:
+        assert tre < 2.0
+        assert result.features["level_margin"] > 0.0
+        assert result.features["margin"] > 0.0  # over the wrong level it replaced
+        assert wrong.calls == count + 3  # cranial, caudal, reversed
+
+
+def test_a_weak_registration_tries_the_reserve_hypotheses(method, specimen, recording):
+    """Below ``rivals_below_score`` (inf: always) the search's next-ranked hypotheses go
+    through the method too; a strong registration (threshold -inf) uses the first
+    ``refined_top_k`` only."""
+    def hypotheses(limit, extra):
+        pipe = RegistrationPipeline(method, specimen, config=PipelineConfig(
+            tracking=False, rivals_below_score=limit, weak_extra_hypotheses=extra))
+        result = pipe.process(recording[0])
+        assert _tre(result, recording[0], specimen) < 2.0
+        return result.features["hypotheses"]
+
+    top_k = PipelineConfig().global_search.refined_top_k
+    assert hypotheses(-math.inf, 3) == top_k
+    assert top_k < hypotheses(math.inf, 3) <= top_k + 3
+
+
 # ---------------------------------------------------------------------- confidence model
 def _model(intercept: float = 0.5, weights=None, extra_mode: bool = True) -> ConfidenceModel:
     weights = list(weights) if weights is not None else [0.0] * N
