@@ -300,7 +300,7 @@ def test_a_weak_wrong_level_registration_loses_to_its_rival(method, specimen, re
     wrong = _WrongLevelMethod(method, step, int(count))
     pipe = RegistrationPipeline(wrong, specimen, config=PipelineConfig(
         tracking=False, rivals_below_score=rivals, keep_search_pose_margin=math.inf,
-        weak_extra_hypotheses=0))
+        weak_extra_hypotheses=0, weak_search_pool=0))
     result = pipe.process(recording[0])
     tre = _tre(result, recording[0], specimen)
     if rivals is None:
@@ -313,20 +313,39 @@ def test_a_weak_wrong_level_registration_loses_to_its_rival(method, specimen, re
         assert wrong.calls == count + 3  # cranial, caudal, reversed
 
 
-def test_a_weak_registration_tries_the_reserve_hypotheses(method, specimen, recording):
+def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, monkeypatch):
     """Below ``rivals_below_score`` (inf: always) the search's next-ranked hypotheses go
-    through the method too; a strong registration (threshold -inf) uses the first
-    ``refined_top_k`` only."""
-    def hypotheses(limit, extra):
+    through the method too, then a second search with a larger pool runs (its hypotheses
+    that are new go through the method); a strong registration (threshold -inf) uses the
+    first ``refined_top_k`` of one search only."""
+    import end2reg_ros.pipeline as pipeline_module
+
+    pools = []
+    search = pipeline_module.propose_initial_poses
+
+    def recorded(*args, **kwargs):
+        pools.append(args[4].pool_size)
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "propose_initial_poses", recorded)
+
+    def hypotheses(limit, extra, pool):
+        pools.clear()
         pipe = RegistrationPipeline(method, specimen, config=PipelineConfig(
-            tracking=False, rivals_below_score=limit, weak_extra_hypotheses=extra))
+            tracking=False, rivals_below_score=limit, weak_extra_hypotheses=extra,
+            weak_search_pool=pool))
         result = pipe.process(recording[0])
         assert _tre(result, recording[0], specimen) < 2.0
         return result.features["hypotheses"]
 
-    top_k = PipelineConfig().global_search.refined_top_k
-    assert hypotheses(-math.inf, 3) == top_k
-    assert top_k < hypotheses(math.inf, 3) <= top_k + 3
+    config = PipelineConfig().global_search
+    assert hypotheses(-math.inf, 3, 80) == config.refined_top_k
+    assert pools == [config.pool_size]
+    reserve = hypotheses(math.inf, 3, 0)
+    assert config.refined_top_k < reserve <= config.refined_top_k + 3
+    assert pools == [config.pool_size]
+    assert reserve <= hypotheses(math.inf, 3, 80) <= reserve + config.refined_top_k
+    assert pools == [config.pool_size, 80]
 
 
 # ---------------------------------------------------------------------- confidence model
