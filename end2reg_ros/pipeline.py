@@ -461,6 +461,7 @@ class RegistrationPipeline:
             content_ok, _ = self.gate.check_content(
                 estimate.cam_from_spine, confidence, float(estimate.residual_mm),
                 int(estimate.num_points), level_margin)
+            content_ok = content_ok and not self._unreproduced(features, mode)
             if content_ok and self.config.tracking:
                 # verified but too old to publish (a slow global registration): never
                 # published, only the start for re-acquiring on the next frames
@@ -499,7 +500,19 @@ class RegistrationPipeline:
             estimate.cam_from_spine, confidence, float(estimate.residual_mm),
             int(estimate.num_points), frame.stamp_ns, now, level_margin,
         )
+        if valid and self._unreproduced(features, mode):
+            valid, reason = False, ("weak registration that no run of the method from the "
+                                    "search's hypotheses reproduced (support 0): refused")
         return confidence, level_margin, valid, reason
+
+    def _unreproduced(self, features: dict[str, float], mode: str) -> bool:
+        """A global result whose first pass was weak (``rivals_below_score``) and which no
+        method run from a search hypothesis reached (``support`` 0: a rival or a kept search
+        pose nothing else agreed with). Such a pose is neither published nor a start for
+        re-acquisition. On the held-out 7100 set one was a spine turned 180 deg, 70 mm off,
+        with confidence 0.998."""
+        return (mode == "global" and features.get("weak_first_pass", 0.0) > 0.0
+                and features.get("support", 1.0) <= 0.0)
 
     def _remember(self, frame: Frame, estimate: RegistrationEstimate, mode: str,
                   features: dict[str, float]) -> None:
@@ -579,6 +592,7 @@ class RegistrationPipeline:
             else len(hyps)
         refined = [self._refine_hypothesis(frame, hyp.cam_from_spine, stages)
                    for hyp in hyps[:first]]
+        weak_first_pass = self._weak(max(r[0] for r in refined))
         if len(hyps) > first and self._weak(max(r[0] for r in refined)):
             # a weak best: the search's next-ranked hypotheses go through the method too
             refined += [self._refine_hypothesis(frame, hyp.cam_from_spine, stages)
@@ -628,6 +642,7 @@ class RegistrationPipeline:
         features = self._features(check, best, margin, support, 0.0)
         features["level_margin"] = float(best_score - max(levels)) if levels else 1.0
         features["hypotheses"] = len(refined)
+        features["weak_first_pass"] = float(weak_first_pass)
         return best, features
 
     def _rivals(self, frame: Frame, best: RegistrationEstimate, best_score: float,

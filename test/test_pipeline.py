@@ -311,6 +311,11 @@ def test_a_weak_wrong_level_registration_loses_to_its_rival(method, specimen, re
         assert result.features["level_margin"] > 0.0
         assert result.features["margin"] > 0.0  # over the wrong level it replaced
         assert wrong.calls == count + 3  # cranial, caudal, reversed
+        # right, but reached by no run from the search's hypotheses after a weak first
+        # pass: neither published nor a start for re-acquisition
+        assert result.features["weak_first_pass"] == 1.0 and result.features["support"] == 0.0
+        assert not result.valid and "reproduced" in result.reason
+        assert pipe.anchor_pose is None and pipe.last_pose is None
 
 
 def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, monkeypatch):
