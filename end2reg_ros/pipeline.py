@@ -342,6 +342,7 @@ class RegistrationPipeline:
         self._dense, self._dense_normals = self._dense_surface()
         self._dense_tree = cKDTree(self._dense)
         self._level_step = _level_step(specimen)
+        self._thorough = True
         self._centre = _model_centre(specimen)
         self.reset()
 
@@ -411,7 +412,8 @@ class RegistrationPipeline:
                 if estimate is None:  # the spine left the view: search globally now
                     mode = "global"
             if mode == "global":
-                estimate, features = self._global(frame, stages)
+                estimate, features = self._global(frame, stages,
+                                                  thorough=not self._recently_verified(frame))
         except ValueError as err:  # frames the search cannot use (no depth, ...)
             self.gate.mark_processed(frame.stamp_ns)
             self._lose()
@@ -579,14 +581,27 @@ class RegistrationPipeline:
             transform_points(a, self._targets) - transform_points(b, self._targets), axis=1)))
 
     # ------------------------------------------------------------------ global
-    def _global(self, frame: Frame, stages: dict[str, float]):
+    def _recently_verified(self, frame: Frame) -> bool:
+        """A verified pose younger than ``reacquire_s`` exists (tracking on): the spine was
+        just lost, and the next frames re-acquire from that pose."""
+        if not self.config.tracking or self.anchor_pose is None or self.anchor_stamp_ns is None:
+            return False
+        return 0.0 <= (frame.stamp_ns - self.anchor_stamp_ns) * 1e-9 <= self.config.reacquire_s
+
+    def _global(self, frame: Frame, stages: dict[str, float], thorough: bool = True):
+        """Global registration. ``thorough`` False (the spine was just lost and the next
+        frames re-acquire from the last verified pose): a weak result gets no extra work
+        (no reserve hypotheses, second search or rivals' network runs; 1-2 s on this CPU),
+        so the node is free for those frames."""
+        self._thorough = thorough
         t0 = time.perf_counter()
         bone = None  # colour not registered to the depth pixels: depth only
         if self.bone_colour is not False and frame.color.shape[:2] == frame.depth_mm.shape:
             bone = self.bone_colour.probability(frame.color)
         cfg = self.config
         search = cfg.global_search
-        reserve = max(0, cfg.weak_extra_hypotheses) if cfg.rivals_below_score is not None else 0
+        reserve = max(0, cfg.weak_extra_hypotheses) \
+            if cfg.rivals_below_score is not None and thorough else 0
         if reserve and search.refined_top_k > 0:
             search = replace(search, refined_top_k=search.refined_top_k + reserve)
         hyps = propose_initial_poses(frame.depth_mm, frame.camera, self.search_surface,
@@ -716,7 +731,7 @@ class RegistrationPipeline:
         """A global registration too weak to stand without its rivals (and, in the search,
         without the reserve hypotheses): verification score below ``rivals_below_score``."""
         limit = self.config.rivals_below_score
-        return limit is not None and score < limit
+        return self._thorough and limit is not None and score < limit
 
     def _model_bbox(self) -> tuple[np.ndarray, np.ndarray]:
         """The model's bounding box (spine frame, mm): the method's model cloud's when it has

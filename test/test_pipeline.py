@@ -377,6 +377,25 @@ def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, 
     assert pools == [config.pool_size, 80]
 
 
+def test_a_global_registration_just_after_a_loss_does_no_extra_work(method, specimen,
+                                                                     recording):
+    """Every registration is weak here (threshold inf). The first one gets the extra work;
+    one just after the spine was lost (the scene moved 150 mm away: tracking finds nothing
+    and the global search runs) does not, so the node is free to re-acquire on the next
+    frames."""
+    top_k = PipelineConfig().global_search.refined_top_k
+    pipe = RegistrationPipeline(method, specimen, config=PipelineConfig(
+        rivals_below_score=math.inf))
+    first = pipe.process(recording[0])
+    assert first.mode == "global" and first.features["hypotheses"] > top_k
+    depth = recording[1].depth_mm
+    away = dataclasses.replace(recording[1], depth_mm=np.where(
+        depth > 0, depth.astype(float) + 150.0, 0.0).astype(depth.dtype))
+    lost = pipe.process(away)
+    assert lost.mode == "global" and lost.features["hypotheses"] == top_k
+    assert lost.features["weak_first_pass"] == 0.0
+
+
 # ---------------------------------------------------------------------- confidence model
 def _model(intercept: float = 0.5, weights=None, extra_mode: bool = True) -> ConfidenceModel:
     weights = list(weights) if weights is not None else [0.0] * N
