@@ -342,7 +342,6 @@ class RegistrationPipeline:
         self._dense, self._dense_normals = self._dense_surface()
         self._dense_tree = cKDTree(self._dense)
         self._level_step = _level_step(specimen)
-        self._thorough = True
         self._centre = _model_centre(specimen)
         self.reset()
 
@@ -593,7 +592,6 @@ class RegistrationPipeline:
         frames re-acquire from the last verified pose): a weak result gets no extra work
         (no reserve hypotheses, second search or rivals' network runs; 1-2 s on this CPU),
         so the node is free for those frames."""
-        self._thorough = thorough
         t0 = time.perf_counter()
         bone = None  # colour not registered to the depth pixels: depth only
         if self.bone_colour is not False and frame.color.shape[:2] == frame.depth_mm.shape:
@@ -613,12 +611,13 @@ class RegistrationPipeline:
             else len(hyps)
         refined = [self._refine_hypothesis(frame, hyp.cam_from_spine, stages)
                    for hyp in hyps[:first]]
-        weak_first_pass = self._weak(max(r[0] for r in refined))
-        if len(hyps) > first and self._weak(max(r[0] for r in refined)):
+        weak_first_pass = thorough and self._weak(max(r[0] for r in refined))
+        if len(hyps) > first and weak_first_pass:
             # a weak best: the search's next-ranked hypotheses go through the method too
             refined += [self._refine_hypothesis(frame, hyp.cam_from_spine, stages)
                         for hyp in hyps[first:]]
-        if cfg.weak_search_pool > search.pool_size and self._weak(max(r[0] for r in refined)):
+        if cfg.weak_search_pool > search.pool_size and thorough \
+                and self._weak(max(r[0] for r in refined)):
             # still weak: a second search with a larger pool; its new hypotheses (not within
             # same_pose_mm of one tried) go through the method
             t0 = time.perf_counter()
@@ -645,7 +644,7 @@ class RegistrationPipeline:
             best_score = self._score(start_check)
         stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
         # the rivals of a weak registration: one vertebra cranially / caudally, reversed
-        rivals = self._rivals(frame, best, best_score, stages)
+        rivals = self._rivals(frame, best, best_score, stages, challenge=thorough)
         challengers = [r for r in rivals.values() if r[1] is not None]
         previous = []
         if challengers:
@@ -679,7 +678,8 @@ class RegistrationPipeline:
         registration method also runs from each rival start (it corrects ~6 mm / 6 deg but
         not a level, 35-40 mm, away), and a result that does not come back to ``best``
         (within ``same_pose_mm``) is a challenger that may replace it (``challenge`` False:
-        the ICP scores only, for the pose that replaced another)."""
+        the ICP scores only, for the pose that replaced another and for a global
+        registration that is not thorough)."""
         cfg = self.config
         out: dict = {}
         if self._level_step is None:
@@ -700,38 +700,46 @@ class RegistrationPipeline:
             stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
             if not weak:
                 continue
-            estimate = self.method.register(frame, start)
-            estimate.fit_inliers = float(estimate.confidence)
-            for key, ms in estimate.stage_ms.items():
-                stages[key] = stages.get(key, 0.0) + ms
+            estimate = self._run_method(frame, start, stages)
             if self._target_distance(estimate.cam_from_spine, best.cam_from_spine) \
                     <= cfg.same_pose_mm:
                 continue
-            t1 = time.perf_counter()
-            estimate_check = self._verify(frame, estimate.cam_from_spine)
+            estimate_check = self._timed_verify(frame, estimate.cam_from_spine, stages)
             score = self._score(estimate_check)
             if kind not in out or score >= out[kind][0]:
                 out[kind] = (score, estimate, estimate_check)
-            stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
         return out
 
-    def _refine_hypothesis(self, frame: Frame, start: np.ndarray, stages: dict[str, float]):
-        """The method run from one search hypothesis, verified:
-        ``(score, estimate, check, start)``."""
+    def _run_method(self, frame: Frame, start: np.ndarray,
+                    stages: dict[str, float]) -> RegistrationEstimate:
+        """The registration method run from ``start``; its stage times added to ``stages``
+        and its own confidence kept as ``fit_inliers``."""
         estimate = self.method.register(frame, start)
         estimate.fit_inliers = float(estimate.confidence)  # the method's own belief
         for key, ms in estimate.stage_ms.items():
             stages[key] = stages.get(key, 0.0) + ms
+        return estimate
+
+    def _timed_verify(self, frame: Frame, pose: np.ndarray,
+                      stages: dict[str, float]) -> DepthAgreement:
+        """:meth:`_verify`, its time added to ``stages["verify"]``."""
         t1 = time.perf_counter()
-        check = self._verify(frame, estimate.cam_from_spine)
+        check = self._verify(frame, pose)
         stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
+        return check
+
+    def _refine_hypothesis(self, frame: Frame, start: np.ndarray, stages: dict[str, float]):
+        """The method run from one search hypothesis, verified:
+        ``(score, estimate, check, start)``."""
+        estimate = self._run_method(frame, start, stages)
+        check = self._timed_verify(frame, estimate.cam_from_spine, stages)
         return self._score(check), estimate, check, start
 
     def _weak(self, score: float) -> bool:
         """A global registration too weak to stand without its rivals (and, in the search,
         without the reserve hypotheses): verification score below ``rivals_below_score``."""
         limit = self.config.rivals_below_score
-        return self._thorough and limit is not None and score < limit
+        return limit is not None and score < limit
 
     def _model_bbox(self) -> tuple[np.ndarray, np.ndarray]:
         """The model's bounding box (spine frame, mm): the method's model cloud's when it has

@@ -141,17 +141,33 @@ def test_a_tracked_jump_is_held_back_and_checked_against_the_whole_model(
         assert jumped.valid and _tre(jumped, recording[1], specimen) > 2.0
 
 
+def _lost_with_the_anchor_moved(pipe, recording, offset_mm):
+    """``pipe`` after a verified frame and a hidden one (lost), its last verified pose moved
+    by ``offset_mm`` (optical frame): the camera moved while the spine was hidden."""
+    assert pipe.process(recording[0]).valid
+    pipe.process(_blank(recording[1], recording[1].stamp_ns))  # hidden: lost
+    moved = np.eye(4)
+    moved[:3, 3] = offset_mm
+    pipe.anchor_pose = moved @ pipe.anchor_pose
+    return pipe
+
+
+def _next_frame_publishes(pipe, frame, specimen):
+    """The frame after a held one (``frame`` again, 1/30 s later) is tracked and published
+    within 1.5 mm."""
+    again = dataclasses.replace(frame, stamp_ns=frame.stamp_ns + 33_333_333)
+    published = pipe.process(again)
+    assert published.mode == "tracking" and published.valid, published.reason
+    assert _tre(published, again, specimen) < 1.5
+
+
 def test_a_reacquired_pose_is_checked_against_the_whole_model(method, specimen, recording):
     """Re-acquiring from a stale pose 5 mm off (the camera moved during a slow start-up
     registration or while the spine was hidden): tracking's ICP on the learned region
     settles more than 2 mm off and still verifies; the whole model's ICP pulls it in, that
     frame is held back, and the next one publishes."""
-    pipe = RegistrationPipeline(method, specimen)
-    assert pipe.process(recording[0]).valid
-    pipe.process(_blank(recording[1], recording[1].stamp_ns))  # hidden: lost
-    moved = np.eye(4)
-    moved[:3, 3] = [4.0, -3.0, 0.0]
-    pipe.anchor_pose = moved @ pipe.anchor_pose
+    pipe = _lost_with_the_anchor_moved(RegistrationPipeline(method, specimen), recording,
+                                       [4.0, -3.0, 0.0])
     learned_only = pipe._icp_from(recording[2], pipe.anchor_pose, pipe.track_region)
     off = frame_metrics(learned_only[0], recording[2], specimen).tre_median_mm
     assert off > 2.0  # what re-acquisition published before the check
@@ -159,35 +175,22 @@ def test_a_reacquired_pose_is_checked_against_the_whole_model(method, specimen, 
     assert back.mode == "tracking" and not back.valid and "whole model" in back.reason, \
         back.reason
     assert _tre(back, recording[2], specimen) < 1.5
-    again = dataclasses.replace(recording[2], stamp_ns=recording[2].stamp_ns + 33_333_333)
-    published = pipe.process(again)
-    assert published.mode == "tracking" and published.valid, published.reason
-    assert _tre(published, again, specimen) < 1.5
+    _next_frame_publishes(pipe, recording[2], specimen)
 
 
 def test_a_pose_reacquired_from_far_is_held_back_one_frame(method, specimen, recording):
     """The last verified pose is 12 mm off the spine's place now (the camera moved while it
     was hidden): tracking's ICP from there fails the gate, the wide second try brings it in
     and verifies it, but it is not published; the next frame, tracked from it, is."""
-    pipe = RegistrationPipeline(method, specimen)
-    assert pipe.process(recording[0]).valid
-    pipe.process(_blank(recording[1], recording[1].stamp_ns))  # hidden: lost
-    moved = np.eye(4)
-    moved[:3, 3] = [12.0, -8.0, 4.0]
-    pipe.anchor_pose = moved @ pipe.anchor_pose
+    far = [12.0, -8.0, 4.0]
+    pipe = _lost_with_the_anchor_moved(RegistrationPipeline(method, specimen), recording, far)
     back = pipe.process(recording[2])
     assert back.mode == "tracking" and not back.valid and "held back" in back.reason, back.reason
     assert _tre(back, recording[2], specimen) < 2.0
-    again = dataclasses.replace(recording[2], stamp_ns=recording[2].stamp_ns + 33_333_333)
-    published = pipe.process(again)
-    assert published.mode == "tracking" and published.valid, published.reason
-    assert _tre(published, again, specimen) < 1.5
+    _next_frame_publishes(pipe, recording[2], specimen)
     # without the wide try the moved pose is never re-acquired
-    narrow = RegistrationPipeline(method, specimen, config=PipelineConfig(
-        reacquire_icp_distances_mm=()))
-    assert narrow.process(recording[0]).valid
-    narrow.process(_blank(recording[1], recording[1].stamp_ns))
-    narrow.anchor_pose = moved @ narrow.anchor_pose
+    narrow = _lost_with_the_anchor_moved(RegistrationPipeline(
+        method, specimen, config=PipelineConfig(reacquire_icp_distances_mm=())), recording, far)
     assert not narrow.process(recording[2]).valid
 
 
