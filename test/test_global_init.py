@@ -301,3 +301,30 @@ def test_refinement_pulls_perturbed_poses_onto_the_truth_and_ranks_them_first(
     scores = fine_scores(surgical_frame.depth_mm, surgical_frame.camera, refined,
                          surf.points[::6], surf.normals[::6])
     assert min(scores[2:]) > 1.2 * max(scores[:2])
+
+
+def test_refinement_moves_a_pose_that_few_model_points_pair_with(scene, surgical_frame):
+    """Wide views often show little bone: only some tens of the model points facing the
+    camera find a scene point within the ICP's distance. With ``icp_min_pairs`` 15, a pose
+    that about 20 of them pair with is refined onto the truth; with the default 30 the same
+    start stays where it was (the threshold is what moves it, nothing else)."""
+    _, _, pipeline = scene
+    truth = surgical_frame.cam_from_spine
+    surf = pipeline.search_surface
+    points, normals = surf.points[::20], surf.normals[::20]  # 67 points, about 20 pair
+    anchor = truth[:3, :3] @ pipeline.surface_point + truth[:3, 3]
+    turn = make_pose(axis_angle_to_matrix(np.array([0.6, 0.8, 0.0]), np.radians(4.0)),
+                     np.zeros(3))
+    start = (make_pose(np.eye(3), anchor + np.array([5.0, -3.0, 2.0])) @ turn
+             @ make_pose(np.eye(3), -anchor) @ truth)
+    deg0, mm0 = _pose_error(start, truth, pipeline.surface_point)
+    assert mm0 > 5.0 and deg0 > 3.0
+    default = GlobalSearchConfig()
+    assert default.icp_min_pairs == 30
+    moved = refine_hypotheses(surgical_frame.depth_mm, surgical_frame.camera, start[None],
+                              points, normals, dataclasses.replace(default, icp_min_pairs=15))[0]
+    deg, mm = _pose_error(moved, truth, pipeline.surface_point)
+    assert deg < 2.0 and mm < 2.0, (deg, mm)
+    stuck = refine_hypotheses(surgical_frame.depth_mm, surgical_frame.camera, start[None],
+                              points, normals, default)[0]
+    np.testing.assert_allclose(stuck, start)
