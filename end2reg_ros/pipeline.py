@@ -193,6 +193,9 @@ class PipelineConfig:
     track_icp_iterations: int = 15
     #: tracking: most scene points in the ICP
     track_max_points: int = 1500
+    #: tracking's ICP aligns to the dense model points within this distance (mm) of the
+    #: learned region (its source points lie within ``track_icp_distances_mm[0]`` of it)
+    track_target_margin_mm: float = 12.0
     #: tracking: back-projection stride (pixels)
     track_stride: int = 2
     #: tracking: a predicted pose older than this falls back to global registration (s)
@@ -353,6 +356,9 @@ class RegistrationPipeline:
         self.velocity: np.ndarray | None = None  # pose(t) @ inv(pose(t-1)), per frame gap
         self.velocity_dt_ns: int | None = None
         self.track_region: cKDTree | None = None
+        #: the dense model points (and normals) tracking's ICP aligns to: those near the
+        #: learned region (None: the whole model)
+        self._track_target: tuple[np.ndarray, np.ndarray] | None = None
         #: margin, support and level margin of the global registration a track started
         #: from: a track inherits how ambiguous its start was (its frames' confidence uses them)
         self._track_evidence = (0.0, 0.0, 0.0)
@@ -539,6 +545,15 @@ class RegistrationPipeline:
         """What a track keeps of the global registration it starts from: the learned region
         and the ambiguity evidence (margin, support, level margin)."""
         self.track_region = self._learned_region(estimate)
+        self._track_target = None
+        if self.track_region is not None:
+            # the ICP builds a search tree of its target on every call: the part of the
+            # model tracking can pair with (source points lie within the first ICP distance
+            # of the region) instead of all of it
+            near, _ = self.track_region.query(
+                self._dense, k=1, distance_upper_bound=self.config.track_target_margin_mm)
+            keep = np.isfinite(near)
+            self._track_target = (self._dense[keep], self._dense_normals[keep])
         self._track_evidence = (features["margin"], features["support"],
                                 features["level_margin"])
 
@@ -840,10 +855,12 @@ class RegistrationPipeline:
         if len(source) > cfg.track_max_points:
             rng = np.random.default_rng(frame.stamp_ns % (2**32))
             source = source[rng.choice(len(source), cfg.track_max_points, replace=False)]
-        spine_from_cam = _point_to_plane_icp(
-            source, self._dense, self._dense_normals, invert(start),
-            distances, cfg.track_icp_iterations,
-        )
+        target = (self._dense, self._dense_normals)
+        if region is self.track_region and self._track_target is not None \
+                and distances[0] <= cfg.track_target_margin_mm:
+            target = self._track_target
+        spine_from_cam = _point_to_plane_icp(source, *target, invert(start), distances,
+                                             cfg.track_icp_iterations)
         d, _ = self._dense_tree.query(transform_points(spine_from_cam, source), k=1,
                                       distance_upper_bound=10.0)
         return invert(spine_from_cam), source, d

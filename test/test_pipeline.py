@@ -75,6 +75,36 @@ def test_global_then_tracking(pipeline, recording, specimen):
     assert pipeline.velocity is not None  # two tracked poses: a velocity for the prediction
 
 
+def test_tracking_aligns_to_the_model_near_the_learned_region(method, specimen, recording,
+                                                                monkeypatch):
+    """Tracking's ICP aligns to the part of the model near the learned region (its search
+    tree is built on every call: a smaller target, a faster frame), with the same tracked
+    poses as with the whole model as target."""
+    import end2reg_ros.model.inference as inference
+
+    icp = inference._point_to_plane_icp
+    sizes: list[int] = []
+
+    def recorded(source, target_points, *args):
+        sizes.append(len(target_points))
+        return icp(source, target_points, *args)
+
+    monkeypatch.setattr(inference, "_point_to_plane_icp", recorded)
+    poses = {}
+    for margin in (12.0, 1e6):
+        pipe = RegistrationPipeline(method, specimen, config=PipelineConfig(
+            track_target_margin_mm=margin))
+        assert pipe.process(recording[0]).valid
+        sizes.clear()
+        poses[margin] = [pipe.process(frame).estimate.cam_from_spine for frame in recording[1:]]
+        if margin == 12.0:
+            assert sizes and max(sizes) < 0.8 * len(pipe._dense), (sizes, len(pipe._dense))
+        else:
+            assert set(sizes) == {len(pipe._dense)}
+    for near, whole in zip(poses[12.0], poses[1e6]):
+        np.testing.assert_allclose(near, whole, atol=1e-6)
+
+
 def _beyond_reacquire_ns(pipeline) -> int:
     """A gap (ns) after which neither tracking nor re-acquisition applies any more."""
     cfg = pipeline.config
