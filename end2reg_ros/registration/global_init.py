@@ -100,11 +100,13 @@ class GlobalSearchConfig:
     icp_schedule: tuple[tuple[float, int], ...] = ((15.0, 3), (8.0, 3), (4.0, 4))
     icp_stride: int = 2
     #: a pose with fewer correspondences than this in an ICP iteration stays where it is.
-    #: Tried on the 480 validation frames with 1200 ICP points: 15 (with 1200 points) put a
-    #: hypothesis within 8 mm of the truth in 14 of 31 wide failures showing bone (4 with
-    #: 30 / 500), and 12 more frames ended below 2 mm (5 fewer), but all 12 on views showing
-    #: < 1 % bone that the gate refused, and the refitted confidence separated worse (Brier
-    #: 0.0085 -> 0.0149; 83.3 -> 81.0 % accepted at the gate): not adopted.
+    #: Tried: 15 pairs on all (~1300) posterior points put the best-ranked hypothesis within
+    #: 8 mm of the truth in 14 of 31 wide validation failures showing bone (4 with 30 pairs
+    #: on 500 points). Through the pipeline (15 pairs, 1200 points, 480 validation frames):
+    #: 12 frames more below 2 mm and 5 fewer, all 12 on views showing < 1 % bone that the
+    #: gate refused; the refitted confidence separated worse (Brier 0.0085 -> 0.0149) and
+    #: the 0.95 gate accepted 81.2 % instead of 83.3 %, one of them a wrong-level pose 32 mm
+    #: off. Not adopted.
     icp_min_pairs: int = 30
     fine_agree_mm: float = 3.0
     fine_violate_mm: float = 6.0
