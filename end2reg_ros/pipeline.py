@@ -652,12 +652,10 @@ class RegistrationPipeline:
         refined.sort(key=lambda item: -item[0])
         best_score, best, check, start = refined[0]
         # the chosen hypothesis: the search's own pose stands when it agrees clearly better
-        t1 = time.perf_counter()
-        start_check = self._verify(frame, start)
+        start_check = self._timed_verify(frame, start, stages)
         if self._score(start_check) > best_score + self.config.keep_search_pose_margin:
             best, check = self._keep_search_pose(frame, best, start), start_check
             best_score = self._score(start_check)
-        stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
         # the rivals of a weak registration: one vertebra cranially / caudally, reversed
         rivals = self._rivals(frame, best, best_score, stages, challenge=thorough)
         challengers = [r for r in rivals.values() if r[1] is not None]
