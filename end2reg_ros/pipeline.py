@@ -18,7 +18,8 @@ stamp, the velocity between the last two verified poses, and the mode:
   learned mask carried over to the model surface); verified every frame like a global result.
 
 Every result passes the same verification: depth consistency of the posed model with the
-frame (agreement, free-space violations), the registration's own fit, and in global mode the
+frame (agreement, free-space violations), the registration's own fit, how firmly the agreeing
+surface pins the pose down at the target points (``target_sd``), and in global mode the
 margin over the runner-up hypothesis. :class:`ConfidenceModel` turns these features into
 ``confidence``, a calibrated probability that the target registration error is below 2 mm
 (logistic regression fitted on validation specimens only, ``end2reg calibrate``). Then the
@@ -75,6 +76,8 @@ FEATURES = (
     "motion_mm",  # distance of the result from the predicted pose (tracking), else 0
     "level_margin",  # score minus the best of the pose shifted by one vertebra either way
     #                  and refined (ICP; a weak registration: the method's run too)
+    "target_sd",  # log10 of how well the agreeing points pin the pose down at the target
+    #               points (mm, DepthAgreement.target_sd_mm; clipped to 0.01-100 mm)
 )
 
 
@@ -175,6 +178,14 @@ def _voxel_means(points: np.ndarray, voxel_mm: float) -> np.ndarray:
     inverse = inverse.reshape(-1)
     count = np.bincount(inverse).astype(float)
     return np.stack([np.bincount(inverse, weights=points[:, k]) / count for k in range(3)], 1)
+
+
+def _log_sd(sd_mm: float) -> float:
+    """log10 of a target standard deviation (mm) clipped to 0.01-100 mm; not finite (no
+    agreeing points, an unconstrained motion): 2 (100 mm)."""
+    if not math.isfinite(sd_mm):
+        return 2.0
+    return math.log10(min(max(sd_mm, 0.01), 100.0))
 
 
 def _finite(value: float) -> float:
@@ -564,7 +575,8 @@ class RegistrationPipeline:
     # ------------------------------------------------------------------ verification
     def _verify(self, frame: Frame, pose: np.ndarray) -> DepthAgreement:
         return depth_agreement(frame.depth_mm, frame.camera, pose, self.surface,
-                               self.config.agree_mm, self.config.violate_mm)
+                               self.config.agree_mm, self.config.violate_mm,
+                               targets=self._targets)
 
     @staticmethod
     def _score(check: DepthAgreement) -> float:
@@ -586,6 +598,7 @@ class RegistrationPipeline:
             "margin": margin,
             "support": support,
             "motion_mm": motion_mm,
+            "target_sd": _log_sd(check.target_sd_mm),
         }
 
     def _target_distance(self, a: np.ndarray, b: np.ndarray) -> float:

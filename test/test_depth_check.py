@@ -16,6 +16,7 @@ from end2reg_ros.registration.depth_check import (
     depth_agreement,
     depth_residuals,
     surface_samples,
+    target_sd_mm,
 )
 from end2reg_ros.synth.anatomy import box_mesh, generate_specimen
 from end2reg_ros.synth.generate import render_frames
@@ -200,3 +201,48 @@ def test_depth_residuals_batched_shape():
     res = depth_residuals(depth, CAMERA, pts)
     assert res.shape == (3, 5)
     np.testing.assert_allclose(res[0], 400.0 - np.arange(1, 6) * 50.0)
+
+
+def _plane_points(rng, centre, normal, n=200, half=10.0):
+    """``n`` points on a square patch (half size ``half`` mm) of the plane through ``centre``
+    with unit ``normal``, and their normals."""
+    normal = np.asarray(normal, float) / np.linalg.norm(normal)
+    a = np.cross(normal, [1.0, 0.0, 0.0] if abs(normal[0]) < 0.9 else [0.0, 1.0, 0.0])
+    a /= np.linalg.norm(a)
+    b = np.cross(normal, a)
+    uv = rng.uniform(-half, half, (n, 2))
+    return np.asarray(centre, float) + uv[:, :1] * a + uv[:, 1:] * b, np.tile(normal, (n, 1))
+
+
+def test_target_sd_grows_with_the_lever_arm_and_is_infinite_for_a_flat_patch():
+    rng = np.random.default_rng(0)
+    # three perpendicular patches around the origin: every motion is constrained
+    parts = [_plane_points(rng, c, c) for c in ([20.0, 0, 0], [0, 20.0, 0], [0, 0, 20.0])]
+    points = np.concatenate([p for p, _ in parts])
+    normals = np.concatenate([n for _, n in parts])
+    near = np.array([[0.0, 0.0, 0.0], [5.0, 5.0, 5.0]])
+    far = near + np.array([150.0, 0.0, 0.0])  # the same targets 150 mm away (other vertebrae)
+    sd_near = target_sd_mm(points, normals, near)
+    sd_far = target_sd_mm(points, normals, far)
+    assert 0.0 < sd_near < 0.5
+    assert sd_far > 3.0 * sd_near  # rotation uncertainty times the lever arm
+    # twice the noise: twice the standard deviation
+    assert target_sd_mm(points, normals, near, noise_mm=2.0) == pytest.approx(2.0 * sd_near)
+    # four times the points: half the standard deviation (independent noise)
+    more = [_plane_points(rng, c, c, n=800) for c in ([20.0, 0, 0], [0, 20.0, 0], [0, 0, 20.0])]
+    sd_more = target_sd_mm(np.concatenate([p for p, _ in more]),
+                           np.concatenate([n for _, n in more]), near)
+    assert sd_more == pytest.approx(0.5 * sd_near, rel=0.15)
+    # one flat patch: sliding within it is unconstrained
+    flat, flat_n = _plane_points(rng, [0.0, 0.0, 300.0], [0.0, 0.0, -1.0])
+    assert target_sd_mm(flat, flat_n, near) == float("inf")
+    assert target_sd_mm(points[:5], normals[:5], near) == float("inf")
+
+
+def test_target_sd_of_a_rendered_frame_is_small_at_the_true_pose(specimen_frame):
+    specimen, surface, frame = specimen_frame
+    pose = frame.cam_from_spine
+    targets, _ = specimen.target_points()
+    check = depth_agreement(frame.depth_mm, frame.camera, pose, surface, targets=targets)
+    assert 0.0 < check.target_sd_mm < 0.5
+    assert np.isnan(depth_agreement(frame.depth_mm, frame.camera, pose, surface).target_sd_mm)

@@ -136,6 +136,11 @@ class DepthAgreement:
     vertebra_agree: dict[str, float]
     min_vertebra_agree: float
     median_abs_agree_mm: float
+    #: how well the agreeing points pin the pose down at the target points: median over the
+    #: targets of the predicted standard deviation (mm) of their displacement, from the
+    #: point-to-plane information of the agreeing points (:func:`target_sd_mm`); NaN when no
+    #: targets were given, inf when the agreeing points leave a motion unconstrained
+    target_sd_mm: float = float("nan")
 
 
 def depth_agreement(
@@ -146,8 +151,10 @@ def depth_agreement(
     agree_mm: float = 2.5,
     violate_mm: float = 6.0,
     min_vertebra_points: int = 30,
+    targets: np.ndarray | None = None,
 ) -> DepthAgreement:
-    """Depth consistency of ``surface`` posed by ``cam_from_spine`` (mm) in one depth image."""
+    """Depth consistency of ``surface`` posed by ``cam_from_spine`` (mm) in one depth image;
+    with ``targets`` (T, 3, spine frame, mm) also ``target_sd_mm`` of the agreeing points."""
     pose = np.asarray(cam_from_spine, dtype=np.float64)
     rot, trans = pose[:3, :3], pose[:3, 3]
     pts = surface.points @ rot.T + trans
@@ -169,6 +176,10 @@ def depth_agreement(
             float(agree_mask[sel].mean()) if sel.sum() >= min_vertebra_points else float("nan")
         )
     finite = [v for v in per_level.values() if np.isfinite(v)]
+    sd = float("nan")
+    if targets is not None and len(targets):
+        sd = target_sd_mm(pts[checked][agree_mask], nrm[checked][agree_mask],
+                          np.asarray(targets, dtype=np.float64) @ rot.T + trans)
     return DepthAgreement(
         agree=float(agree_mask.mean()),
         violate=float((r > violate_mm).mean()),
@@ -177,4 +188,41 @@ def depth_agreement(
         vertebra_agree=per_level,
         min_vertebra_agree=float(min(finite)) if finite else float("nan"),
         median_abs_agree_mm=float(np.median(np.abs(r[agree_mask]))) if agree_mask.any() else float("nan"),
+        target_sd_mm=sd,
     )
+
+
+def target_sd_mm(points: np.ndarray, normals: np.ndarray, targets: np.ndarray,
+                 noise_mm: float = 1.0) -> float:
+    """How well surface points constrain a rigid pose at the target points (all optical
+    frame, mm): the median over ``targets`` of ``sqrt(trace(cov))`` of the target's
+    displacement, the pose's covariance being that of a point-to-plane fit of ``points``
+    with unit ``normals`` and independent noise ``noise_mm`` along each normal
+    (``cov = noise^2 (sum J_i J_i^T)^-1``, ``J_i = [(p_i - c) x n_i, n_i]``, rotation about
+    the points' centroid ``c``). Independent of whether the pose is right: it says how much
+    the seen surface can pin down, e.g. large when only one vertebra is seen and the targets
+    on the others sit at the end of a lever arm, or when the seen surface is flat; inf when
+    some motion is unconstrained (fewer than 6 points, degenerate geometry)."""
+    p = np.asarray(points, dtype=np.float64)
+    n = np.asarray(normals, dtype=np.float64)
+    if len(p) < 6:
+        return float("inf")
+    c = p.mean(axis=0)
+    jac = np.concatenate([np.cross(p - c, n), n], axis=1)  # (N, 6)
+    info = jac.T @ jac
+    try:
+        w, v = np.linalg.eigh(info)
+    except np.linalg.LinAlgError:
+        return float("inf")
+    if w[0] <= 1e-9 * max(w[-1], 1e-12):
+        return float("inf")
+    cov = (v / w) @ v.T * noise_mm**2
+    t = np.asarray(targets, dtype=np.float64) - c
+    # displacement of t under (omega, v): omega x t + v = [-[t]x, I] (omega, v)
+    skew = np.zeros((len(t), 3, 3))
+    skew[:, 0, 1], skew[:, 0, 2] = -t[:, 2], t[:, 1]
+    skew[:, 1, 0], skew[:, 1, 2] = t[:, 2], -t[:, 0]
+    skew[:, 2, 0], skew[:, 2, 1] = -t[:, 1], t[:, 0]
+    a = np.concatenate([-skew, np.broadcast_to(np.eye(3), skew.shape)], axis=2)  # (T, 3, 6)
+    var = np.einsum("tij,jk,tik->t", a, cov, a)
+    return float(np.median(np.sqrt(np.maximum(var, 0.0))))
