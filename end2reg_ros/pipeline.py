@@ -285,11 +285,23 @@ class PipelineConfig:
     #: ``weak_extra_hypotheses`` ranked hypotheses (after its ``refined_top_k``) before the
     #: rivals are tried
     weak_extra_hypotheses: int = 3
-    #: a registration still weak after those: a second global search with this pool size
+    #: a registration still weak after those: more global searches with this pool size
     #: (``GlobalSearchConfig.pool_size`` is 40; 0: none), whose new hypotheses (at most
-    #: ``refined_top_k``) go through the method too. On 33 wide validation failures that
-    #: showed bone: a proposal within 8 mm of the truth in 8 with a pool of 80, 4 with 40.
+    #: ``refined_top_k`` each) go through the method too. On 33 wide validation failures
+    #: that showed bone: a proposal within 8 mm of the truth in 8 with a pool of 80, 4 with 40.
     weak_search_pool: int = 80
+    #: one such search per entry, in order, while the registration is still weak: the
+    #: anchors' depth (``GlobalSearchConfig.trough_floor_percentile``) of each. The trough
+    #: also holds the muscle walls, which tilted views see much of: anchors at the 75th
+    #: percentile sat 10-30 mm above the spine's posterior surface on most wide validation
+    #: failures (median 21 mm; 1.5 mm on frames registered right), the search's depth slide
+    #: then hid the model behind the surface and its ICP started 30-80 mm off. Best-ranked
+    #: proposal within 8 mm of the truth on the 31 wide validation failures showing bone /
+    #: 106 right validation frames: 4 / 99 at 75, 7 / 100 at 85, 11 / 101 at 90, 10 / 99 at
+    #: 93. As the first search's depth, 90 rescued 9 validation frames through the pipeline
+    #: but lost 5 others (the network's results from the new starts); as the last search of
+    #: weak registrations: see the README.
+    weak_search_floor_percentiles: tuple[float, ...] = (75.0, 90.0)
     global_search: GlobalSearchConfig = GlobalSearchConfig()
     #: verification: depth agreement / violation thresholds (mm)
     agree_mm: float = 2.5
@@ -644,15 +656,19 @@ class RegistrationPipeline:
             # a weak best: the search's next-ranked hypotheses go through the method too
             refined += [self._refine_hypothesis(frame, hyp.cam_from_spine, stages)
                         for hyp in hyps[first:]]
-        if cfg.weak_search_pool > search.pool_size and thorough \
-                and self._weak(max(r[0] for r in refined)):
-            # still weak: a second search with a larger pool; its new hypotheses (not within
-            # same_pose_mm of one tried) go through the method
+        for percentile in cfg.weak_search_floor_percentiles:
+            if not (cfg.weak_search_pool > 0 and thorough
+                    and self._weak(max(r[0] for r in refined))):
+                break
+            # still weak: another search with a larger pool, its anchors at this depth of
+            # the trough; its new hypotheses (not within same_pose_mm of one tried) go
+            # through the method
             t0 = time.perf_counter()
-            more = propose_initial_poses(frame.depth_mm, frame.camera, self.search_surface,
-                                         self.surface_point,
-                                         replace(search, pool_size=cfg.weak_search_pool),
-                                         bone_probability=bone)
+            more = propose_initial_poses(
+                frame.depth_mm, frame.camera, self.search_surface, self.surface_point,
+                replace(search, pool_size=cfg.weak_search_pool,
+                        trough_floor_percentile=percentile),
+                bone_probability=bone)
             stages["search"] += (time.perf_counter() - t0) * 1e3
             added = 0
             for hyp in more:

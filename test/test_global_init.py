@@ -97,6 +97,28 @@ def test_find_exposure_locates_an_elongated_trough():
     assert abs(exposure.centre[2] - 325.0) < 3.0  # down in the trough
 
 
+def test_deep_anchors_sit_on_the_floor_of_a_trough_seen_mostly_as_wall():
+    """A tilted view into the wound sees more of one muscle wall than of the floor: a trough
+    whose floor (45 mm deep, 8 px wide) is an eighth of its sampled pixels, the rest a wall
+    sloping from the floor up to 9 mm behind the plane. The deepest anchors the search of a
+    weak registration uses (``weak_search_floor_percentiles``) follow the floor, where the
+    spine's posterior surface lies; the first search's (75th percentile) sit on the wall,
+    5 mm above it."""
+    depth = np.full((CAMERA.height, CAMERA.width), 300.0, np.float32)
+    depth[200:280, 248:256] = 345.0  # floor
+    ramp = np.linspace(345.0, 309.0, 60, dtype=np.float32)  # wall, floor to near the skin
+    depth[200:280, 256:316] = ramp[None, :]
+    plane = fit_support_plane(depth, CAMERA, np.random.default_rng(0))
+    deepest = max(pipeline_module.PipelineConfig().weak_search_floor_percentiles)
+    deep = find_exposure(depth, CAMERA, plane, dataclasses.replace(
+        GlobalSearchConfig(), trough_floor_percentile=deepest))
+    assert deep.found
+    assert abs(deep.centre[2] - 345.0) < 1.0
+    first = find_exposure(depth, CAMERA, plane)
+    assert GlobalSearchConfig().trough_floor_percentile == 75.0
+    assert first.centre[2] < 342.0  # the wall pulled it up
+
+
 def test_flat_frame_has_no_exposure():
     depth = np.full((CAMERA.height, CAMERA.width), 300.0, np.float32)
     plane = fit_support_plane(depth, CAMERA, np.random.default_rng(0))

@@ -377,22 +377,23 @@ def test_a_weak_wrong_level_registration_loses_to_its_rival(method, specimen, re
 
 def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, monkeypatch):
     """Below ``rivals_below_score`` (inf: always) the search's next-ranked hypotheses go
-    through the method too, then a second search with a larger pool runs (its hypotheses
-    that are new go through the method); a strong registration (threshold -inf) uses the
-    first ``refined_top_k`` of one search only."""
+    through the method too, then more searches with a larger pool run, one per entry of
+    ``weak_search_floor_percentiles`` (the anchors deeper in the trough for the last), and
+    their hypotheses that are new go through the method; a strong registration (threshold
+    -inf) uses the first ``refined_top_k`` of one search only."""
     import end2reg_ros.pipeline as pipeline_module
 
-    pools = []
+    searches = []
     search = pipeline_module.propose_initial_poses
 
     def recorded(*args, **kwargs):
-        pools.append(args[4].pool_size)
+        searches.append((args[4].pool_size, args[4].trough_floor_percentile))
         return search(*args, **kwargs)
 
     monkeypatch.setattr(pipeline_module, "propose_initial_poses", recorded)
 
     def hypotheses(limit, extra, pool):
-        pools.clear()
+        searches.clear()
         pipe = RegistrationPipeline(method, specimen, config=PipelineConfig(
             tracking=False, rivals_below_score=limit, weak_extra_hypotheses=extra,
             weak_search_pool=pool))
@@ -401,13 +402,14 @@ def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, 
         return result.features["hypotheses"]
 
     config = PipelineConfig().global_search
+    first = (config.pool_size, config.trough_floor_percentile)
     assert hypotheses(-math.inf, 3, 80) == config.refined_top_k
-    assert pools == [config.pool_size]
+    assert searches == [first]
     reserve = hypotheses(math.inf, 3, 0)
     assert config.refined_top_k < reserve <= config.refined_top_k + 3
-    assert pools == [config.pool_size]
-    assert reserve <= hypotheses(math.inf, 3, 80) <= reserve + config.refined_top_k
-    assert pools == [config.pool_size, 80]
+    assert searches == [first]
+    assert reserve <= hypotheses(math.inf, 3, 80) <= reserve + 2 * config.refined_top_k
+    assert searches == [first, (80, 75.0), (80, 90.0)]
 
 
 def test_a_global_registration_just_after_a_loss_does_no_extra_work(method, specimen,
