@@ -55,6 +55,12 @@ def _rows(reports: list[dict], method: str) -> list[dict]:
                              "calibration needs --init node")
         for rec in report["per_frame"].get(method, []):
             if rec.get("features"):
+                missing = [f for f in FEATURES if f not in rec["features"]]
+                if missing:
+                    raise ValueError(
+                        f"{report.get('data_dir')}: frame features lack {missing} (a report "
+                        "of an older version): run `end2reg evaluate --init node "
+                        "--calibration none` on it again")
                 rows.append(rec)
     return rows
 
@@ -239,7 +245,10 @@ def run(args: argparse.Namespace) -> int:
     reports = [json.loads(p.read_text()) for p in args.reports]
     rows = []
     for k, report in enumerate(reports):
-        rows += [dict(r, _report=k) for r in _rows([report], args.method)]
+        try:
+            rows += [dict(r, _report=k) for r in _rows([report], args.method)]
+        except ValueError as err:
+            raise SystemExit(f"{args.reports[k]}: {err}") from err
     if not rows:
         raise SystemExit(f"no per-frame features for {args.method!r} in the reports")
     tre = np.array([r["tre_median_mm"] for r in rows])

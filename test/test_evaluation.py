@@ -217,3 +217,16 @@ def test_gate_table_never_accepts_frames_the_level_floor_refuses():
     assert floored[0.95]["accepted_over_5mm"] == 0 and floored[0.95]["accepted_rate"] == 0.5
     assert floored[0.95]["false_accept_2mm"] == 0.0
     assert floored[0.05]["accepted_rate"] == 0.75  # the low-confidence good frame at 0.05
+
+
+def test_calibration_refuses_reports_without_every_feature():
+    """A report of an older version (a feature missing) is a clear error, not a silent 0."""
+    from end2reg_ros.calibration import _rows
+    from end2reg_ros.pipeline import FEATURES
+
+    frame = {"features": {f: 0.1 for f in FEATURES}, "mode": "global", "tre_median_mm": 1.0}
+    report = {"init": "node", "data_dir": "val", "per_frame": {"end2reg": [frame]}}
+    assert len(_rows([report], "end2reg")) == 1
+    old = dict(frame, features={f: 0.1 for f in FEATURES[:-1]})
+    with pytest.raises(ValueError, match=FEATURES[-1]):
+        _rows([dict(report, per_frame={"end2reg": [old]})], "end2reg")
