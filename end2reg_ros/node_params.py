@@ -194,7 +194,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("min_level_margin", "double", 0.02, "",
               "gate: smallest accepted level margin (verification score of the pose minus "
               "that of the pose moved by one vertebra and refined): below it a neighbouring "
-              "level fits almost as well (0.02: refuses 6 of 30 wrong-level and 2 of 423 "
+              "level fits almost as well (0.02: refuses 8 of 31 wrong-level and 2 of 427 "
               "correct validation registrations, README)",
               _finite, dynamic=True),
     ParamSpec("max_residual_mm", "double", 5.0, "mm",
