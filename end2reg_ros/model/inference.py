@@ -237,7 +237,8 @@ class LearnedRegistration(RegistrationMethod):
                 source, self.model.dense_points, self.model.dense_normals, invert(start),
                 self.icp_max_distance_mm, self.icp_iterations,
             )) for start in starts]
-            estimate = max(candidates, key=lambda pose: self._masked_fit_key(pose, masked))
+            estimate = candidates[0] if len(candidates) == 1 else max(
+                candidates, key=lambda pose: self._masked_fit_key(pose, masked))
         # confidence and residual of the masked points against the registered surface
         dist = np.zeros(0)
         if len(masked):
