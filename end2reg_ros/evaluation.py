@@ -253,6 +253,9 @@ def evaluate(
                         else "none" if bone_colour is False else str(bone_colour)),
         "seed": int(seed),
         "max_frames": max_frames,
+        "method_options": {name: {k: str(v) if isinstance(v, Path) else v
+                                  for k, v in options.get(name, {}).items()}
+                           for name in methods if options.get(name)},
         "commit": _git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "prior": {
@@ -440,6 +443,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(repeatable; default: the bundled weights)")
     parser.add_argument("--device", default=None, choices=("auto", "cuda", "cpu"),
                         help="device of learned methods (default auto)")
+    parser.add_argument("--icp-from-start", action="store_true",
+                        help="learned methods: the final masked ICP also from the initial pose, "
+                        "the better masked fit kept (ablation, off by default: on held-out wide "
+                        "views it published wrong-level poses; README)")
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, dict]:
@@ -456,6 +463,9 @@ def _method_options(args: argparse.Namespace) -> dict[str, dict]:
     if args.device is not None:
         for name in LEARNED_METHODS:
             options.setdefault(name, {})["device"] = args.device
+    if getattr(args, "icp_from_start", False):
+        for name in LEARNED_METHODS:
+            options.setdefault(name, {})["icp_from_start"] = True
     return options
 
 

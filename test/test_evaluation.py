@@ -62,6 +62,7 @@ def test_evaluate_cli_writes_report_table_and_png(tiny, tmp_path, capsys):
         assert REPORT_KEYS <= set(summary)
         assert summary["frames"] == 2
     assert report["seed"] == 5 and "commit" in report and "date" in report
+    assert report["method_options"] == {}  # the methods as built by default
     assert report["initial_pose"]["frames"] == 2
     assert report["data_dir"].endswith(root.name)
     assert [r["frame"] for r in report["per_frame"]["oracle"]] == [0, 1]
@@ -230,3 +231,17 @@ def test_calibration_refuses_reports_without_every_feature():
     old = dict(frame, features={f: 0.1 for f in FEATURES[:-1]})
     with pytest.raises(ValueError, match=FEATURES[-1]):
         _rows([dict(report, per_frame={"end2reg": [old]})], "end2reg")
+
+
+def test_icp_from_start_option_reaches_every_learned_method(tmp_path):
+    import argparse
+
+    from end2reg_ros.registration import LEARNED_METHODS
+
+    parser = argparse.ArgumentParser()
+    evaluation.add_arguments(parser)
+    base = ["--data", str(tmp_path), "--report", str(tmp_path / "r.json")]
+    assert evaluation._method_options(parser.parse_args(base)) == {}
+    options = evaluation._method_options(parser.parse_args(base + ["--icp-from-start"]))
+    assert set(options) == set(LEARNED_METHODS)
+    assert all(o == {"icp_from_start": True} for o in options.values())
