@@ -1,7 +1,7 @@
 """LearnedRegistration's final ICP: from the network's estimate and from the start, the
-better masked fit kept (``icp_from_start``, off by default). A network that drifts off a start that is
-already right must not take the registration with it; a start that is off must not hold
-the network's good estimate back."""
+better masked fit kept (``icp_from_start``, off by default). A network that drifts off a
+start that is already right must not take the registration with it; a start that is off
+must not hold the network's good estimate back."""
 
 from __future__ import annotations
 
