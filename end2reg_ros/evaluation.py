@@ -463,7 +463,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, dict]:
     if args.device is not None:
         for name in LEARNED_METHODS:
             options.setdefault(name, {})["device"] = args.device
-    if getattr(args, "icp_from_start", False):
+    if args.icp_from_start:
         for name in LEARNED_METHODS:
             options.setdefault(name, {})["icp_from_start"] = True
     return options

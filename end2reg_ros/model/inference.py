@@ -60,8 +60,8 @@ DEFAULT_REFINE_ICP = True
 #: Off by default: it makes right registrations more often right, and wrong-level ones more
 #: convincing. From the best proposal of the global search within 8 mm of the truth, on the
 #: 12 validation failures (11 on wide views) that had one: 10 below 2 mm instead of 4 (from
-#: the true pose: 12 of 12 instead of 3); on 75 sampled validation frames registered right: 74 instead of
-#: 70, none lost; through the pipeline, 480 validation frames: 10 more below 2 mm, 2 fewer,
+#: the true pose: 12 of 12 instead of 3); on 75 sampled validation frames registered right:
+#: 74 instead of 70, none lost; through the pipeline, 480 validation frames: 10 more below 2 mm, 2 fewer,
 #: and with its own calibration no false accept at the 0.95 gate. On the eight held-out sets
 #: of the README: 10 more below 2 mm, 3 fewer, but 81 wrong-level registrations instead of
 #: 73 and three poses published above 2 mm instead of one, two of them a whole vertebra off
@@ -162,13 +162,20 @@ class LearnedRegistration(RegistrationMethod):
         self.model = None
         self._model_tree: cKDTree | None = None
 
-    def _masked_fit_key(self, cam_from_spine: np.ndarray, masked: np.ndarray):
-        """How well the masked points (optical frame, mm) fit the surface at a pose: (share
-        within :data:`INLIER_MM`, minus RMS), larger is better; ties keep the first."""
+    def _masked_distances(self, cam_from_spine: np.ndarray, masked: np.ndarray) -> np.ndarray:
+        """Distances (mm, inf beyond 10 mm) of the masked points (optical frame) to the
+        preoperative surface at a pose; empty without masked points."""
+        if not len(masked):
+            return np.zeros(0)
         dist, _ = self._model_tree.query(transform_points(invert(cam_from_spine), masked), k=1,
                                          distance_upper_bound=10.0)
-        confidence, residual, _ = masked_fit(dist, self.icp_max_distance_mm[-1])
-        return confidence, -residual
+        return dist
+
+    def _fit_order(self, dist: np.ndarray) -> tuple[float, float]:
+        """Masked fit from the distances, larger is better: (share within :data:`INLIER_MM`,
+        minus RMS)."""
+        share, rms, _ = masked_fit(dist, self.icp_max_distance_mm[-1])
+        return share, -rms
 
     def prepare(self, specimen: Specimen) -> None:
         """Sample the preoperative cloud (spine frame) and index the dense surface."""
@@ -230,6 +237,7 @@ class LearnedRegistration(RegistrationMethod):
         _, nearest = cKDTree(sampled_cam).query(scene.points, k=1)
         dense_mask = used[nearest]
         masked = scene.points[dense_mask]
+        dist = None  # of the masked points to the surface at the final pose
         if self.refine_icp and len(masked) >= 16:
             source = masked
             if len(source) > ICP_MAX_SOURCE_POINTS:  # bounded cost (deterministic subset)
@@ -239,14 +247,14 @@ class LearnedRegistration(RegistrationMethod):
                 source, self.model.dense_points, self.model.dense_normals, invert(start),
                 self.icp_max_distance_mm, self.icp_iterations,
             )) for start in starts]
-            estimate = candidates[0] if len(candidates) == 1 else max(
-                candidates, key=lambda pose: self._masked_fit_key(pose, masked))
+            if len(candidates) == 1:
+                estimate = candidates[0]
+            else:  # the better masked fit (a tie keeps the network's)
+                fits = [(pose, self._masked_distances(pose, masked)) for pose in candidates]
+                estimate, dist = max(fits, key=lambda fit: self._fit_order(fit[1]))
         # confidence and residual of the masked points against the registered surface
-        dist = np.zeros(0)
-        if len(masked):
-            dist, _ = self._model_tree.query(
-                transform_points(invert(estimate), masked), k=1, distance_upper_bound=10.0
-            )
+        if dist is None:
+            dist = self._masked_distances(estimate, masked)
         confidence, residual, num_used = masked_fit(dist, self.icp_max_distance_mm[-1])
         stage["refinement"] = (time.perf_counter() - t0) * 1e3
         return RegistrationEstimate(
