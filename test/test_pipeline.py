@@ -357,7 +357,7 @@ def test_a_weak_wrong_level_registration_loses_to_its_rival(method, specimen, re
     wrong = _WrongLevelMethod(method, step, int(count))
     pipe = RegistrationPipeline(wrong, specimen, config=PipelineConfig(
         tracking=False, rivals_below_score=rivals, keep_search_pose_margin=math.inf,
-        weak_extra_hypotheses=0, weak_search_pool=0))
+        weak_extra_hypotheses=0, weak_search_pool=0, weak_climb_steps=()))
     result = pipe.process(recording[0])
     tre = _tre(result, recording[0], specimen)
     if rivals is None:
@@ -378,38 +378,60 @@ def test_a_weak_wrong_level_registration_loses_to_its_rival(method, specimen, re
 def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, monkeypatch):
     """Below ``rivals_below_score`` (inf: always) the search's next-ranked hypotheses go
     through the method too, then more searches with a larger pool run, one per entry of
-    ``weak_search_floor_percentiles`` (the anchors deeper in the trough for the last), and
-    their hypotheses that are new go through the method; a strong registration (threshold
-    -inf) uses the first ``refined_top_k`` of one search only."""
+    ``weak_search_floor_percentiles`` (the anchors deeper in the trough for the last), then
+    one whose pool climbs the fine score (``weak_climb_steps``); their hypotheses that are
+    new go through the method, the climbed ones with the method's ``icp_from_start`` on
+    (restored after). A strong registration (threshold -inf) uses the first
+    ``refined_top_k`` of one search only."""
     import end2reg_ros.pipeline as pipeline_module
 
     searches = []
     search = pipeline_module.propose_initial_poses
 
     def recorded(*args, **kwargs):
-        searches.append((args[4].pool_size, args[4].trough_floor_percentile))
+        searches.append((args[4].pool_size, args[4].trough_floor_percentile,
+                         bool(args[4].climb_steps)))
         return search(*args, **kwargs)
 
     monkeypatch.setattr(pipeline_module, "propose_initial_poses", recorded)
+    from_start = []
+    register = method.register
 
-    def hypotheses(limit, extra, pool):
+    def noted(*args, **kwargs):
+        from_start.append(method.icp_from_start)
+        return register(*args, **kwargs)
+
+    monkeypatch.setattr(method, "register", noted)
+
+    def hypotheses(limit, extra, pool, climb=()):
         searches.clear()
+        from_start.clear()
         pipe = RegistrationPipeline(method, specimen, config=PipelineConfig(
             tracking=False, rivals_below_score=limit, weak_extra_hypotheses=extra,
-            weak_search_pool=pool))
+            weak_search_pool=pool, weak_climb_steps=climb))
         result = pipe.process(recording[0])
         assert _tre(result, recording[0], specimen) < 2.0
         return result.features["hypotheses"]
 
     config = PipelineConfig().global_search
-    first = (config.pool_size, config.trough_floor_percentile)
-    assert hypotheses(-math.inf, 3, 80) == config.refined_top_k
+    climb = PipelineConfig().weak_climb_steps
+    assert len(climb) > 0
+    first = (config.pool_size, config.trough_floor_percentile, False)
+    assert hypotheses(-math.inf, 3, 80, climb) == config.refined_top_k
     assert searches == [first]
+    assert not any(from_start)
     reserve = hypotheses(math.inf, 3, 0)
     assert config.refined_top_k < reserve <= config.refined_top_k + 3
     assert searches == [first]
     assert reserve <= hypotheses(math.inf, 3, 80) <= reserve + 2 * config.refined_top_k
-    assert searches == [first, (80, 75.0), (80, 90.0)]
+    assert searches == [first, (80, 75.0, False), (80, 90.0, False)]
+    assert not any(from_start)
+    climbed = hypotheses(math.inf, 3, 0, climb)
+    assert reserve < climbed <= reserve + config.refined_top_k
+    assert searches == [first, (config.pool_size, config.trough_floor_percentile, True)]
+    assert from_start[:reserve] == [False] * reserve  # then the rivals' runs: off again
+    assert from_start[reserve:climbed] == [True] * (climbed - reserve)
+    assert not any(from_start[climbed:]) and method.icp_from_start is False
 
 
 def test_a_global_registration_just_after_a_loss_does_no_extra_work(method, specimen,
