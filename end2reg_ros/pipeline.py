@@ -326,7 +326,8 @@ class PipelineConfig:
     #: method too. On views showing little bone the search's ICP cannot move its poses
     #: (too few pairs), and the best of them lie 5-15 mm / 10 deg from the truth, where the
     #: true pose would out-score them: on 27 wide validation failures the climb put its best
-    #: pose within 8 mm of the truth in 6 (none before it), on 28 right frames it kept 27.
+    #: pose within 8 mm of the truth in 6 (1 before it); on 28 right frames it moved one
+    #: best pose away from the truth and brought one to it.
     weak_climb_steps: tuple[tuple[float, float], ...] = ((8.0, 8.0), (4.0, 4.0), (2.0, 2.0),
                                                           (1.0, 1.0))
     #: the method's run from a climbed hypothesis also registers its masked points by ICP

@@ -589,9 +589,10 @@ def climb_hypotheses(
 
     Why: on views that show little bone the ICP of :func:`refine_hypotheses` finds too few
     pairs to move (it needs ``icp_min_pairs``), and a pool pose 5-15 mm / 10 deg from the
-    truth stays there, scoring far below the true pose (on 27 wide validation failures the
-    true pose out-scored the best-ranked proposal in 18). Climbing the score itself brings
-    such poses in: see :class:`~end2reg_ros.pipeline.PipelineConfig` ``weak_climb``.
+    truth stays there, scoring far below the true pose (on 24 traced wide validation
+    failures the true pose out-scored the best-ranked proposal in 15). Climbing the score
+    itself brings such poses in: see :class:`~end2reg_ros.pipeline.PipelineConfig`
+    ``weak_climb_steps``.
     """
     poses = np.array(poses, dtype=np.float64, copy=True)
     index = np.arange(len(poses))
