@@ -320,23 +320,31 @@ class PipelineConfig:
     #: Tried as well: a third entry, 97 (2 more of 29 failures, +0.56 s per weak frame), or 6
     #: new hypotheses per search instead of 3 (1 more, +0.2 s): not kept.
     weak_search_floor_percentiles: tuple[float, ...] = (75.0, 90.0)
-    #: a registration still weak after those searches: one more, the first search's pool
-    #: climbed on its own fine score (``GlobalSearchConfig.climb_steps``, these stages: mm,
-    #: deg; empty: none), whose new hypotheses (at most ``refined_top_k``) go through the
-    #: method too. On views showing little bone the search's ICP cannot move its poses
-    #: (too few pairs), and the best of them lie 5-15 mm / 10 deg from the truth, where the
-    #: true pose would out-score them: on 27 wide validation failures the climb put its best
-    #: pose within 8 mm of the truth in 6 (1 before it); on 28 right frames it moved one
-    #: best pose away from the truth and brought one to it.
+    #: a registration still weak after those searches: more searches whose pools climb
+    #: their own fine score (``GlobalSearchConfig.climb_steps``, these stages: mm, deg;
+    #: empty: none; one search per entry of ``weak_climb_searches``, while still weak),
+    #: whose new hypotheses (at most ``refined_top_k`` each) go through the method too. On
+    #: views showing little bone the search's ICP cannot move its poses (too few pairs), and
+    #: the best of them lie 5-15 mm / 10 deg from the truth, where the true pose would
+    #: out-score them: on 27 wide validation failures the climb of the first search's pool
+    #: put its best pose within 8 mm of the truth in 6 (1 before it; on 28 right frames it
+    #: moved one best pose away from the truth and brought one to it), the climb of a pool of
+    #: 80 with the deeper anchors in 8, both together in 9.
     weak_climb_steps: tuple[tuple[float, float], ...] = ((8.0, 8.0), (4.0, 4.0), (2.0, 2.0),
                                                           (1.0, 1.0))
     #: the method's run from a climbed hypothesis also registers its masked points by ICP
     #: from the hypothesis itself and keeps the better masked fit (``icp_from_start`` of
     #: :class:`~end2reg_ros.model.inference.LearnedRegistration`; other methods: no effect):
     #: from climbed poses 1.3-3.0 mm off the truth the network alone drifted 5-10 mm away.
-    #: Through the pipeline, 480 validation frames: the climb alone 2 more below 2 mm and
-    #: none fewer, with this 4 more and none fewer (wrong levels 31 -> 27).
+    #: Through the pipeline, 480 validation frames, one climbing search (40, 75): alone 2
+    #: more below 2 mm and none fewer, with this 4 more and none fewer (wrong levels
+    #: 31 -> 27).
     weak_climb_icp_from_start: bool = True
+    #: the climbing searches, in order while the registration is still weak: (pool size,
+    #: anchors' depth percentile) of each. The second, (80, 90), on the same 480 frames: 7
+    #: more below 2 mm than the first alone, none fewer (wrong levels 27 -> 26; the weak
+    #: frames' time, two evaluations sharing the 2 cores, p50 3.2 -> 4.5 s)
+    weak_climb_searches: tuple[tuple[int, float], ...] = ((40, 75.0), (80, 90.0))
     global_search: GlobalSearchConfig = GlobalSearchConfig()
     #: verification: depth agreement / violation thresholds (mm)
     agree_mm: float = 2.5
@@ -713,11 +721,15 @@ class RegistrationPipeline:
                        for r in refined):
                     refined.append(self._refine_hypothesis(frame, hyp.cam_from_spine, stages))
                     added += 1
-        if cfg.weak_climb_steps and thorough and self._weak(max(r[0] for r in refined)):
+        for pool, percentile in cfg.weak_climb_searches:
+            if not (cfg.weak_climb_steps and thorough
+                    and self._weak(max(r[0] for r in refined))):
+                break
             t0 = time.perf_counter()
             climbed = propose_initial_poses(
                 frame.depth_mm, frame.camera, self.search_surface, self.surface_point,
-                replace(cfg.global_search, climb_steps=tuple(cfg.weak_climb_steps)),
+                replace(cfg.global_search, climb_steps=tuple(cfg.weak_climb_steps),
+                        pool_size=int(pool), trough_floor_percentile=float(percentile)),
                 bone_probability=bone)
             stages["search"] += (time.perf_counter() - t0) * 1e3
             for hyp in climbed:

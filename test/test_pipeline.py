@@ -379,7 +379,8 @@ def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, 
     """Below ``rivals_below_score`` (inf: always) the search's next-ranked hypotheses go
     through the method too, then more searches with a larger pool run, one per entry of
     ``weak_search_floor_percentiles`` (the anchors deeper in the trough for the last), then
-    one whose pool climbs the fine score (``weak_climb_steps``); their hypotheses that are
+    those whose pool climbs the fine score (``weak_climb_steps``, one per entry of
+    ``weak_climb_searches``); their hypotheses that are
     new go through the method, the climbed ones with the method's ``icp_from_start`` on
     (restored after). A strong registration (threshold -inf) uses the first
     ``refined_top_k`` of one search only."""
@@ -427,8 +428,10 @@ def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, 
     assert searches == [first, (80, 75.0, False), (80, 90.0, False)]
     assert not any(from_start)
     climbed = hypotheses(math.inf, 3, 0, climb)
-    assert reserve < climbed <= reserve + config.refined_top_k
-    assert searches == [first, (config.pool_size, config.trough_floor_percentile, True)]
+    climbing = PipelineConfig().weak_climb_searches
+    assert len(climbing) == 2
+    assert reserve < climbed <= reserve + len(climbing) * config.refined_top_k
+    assert searches == [first] + [(pool, percentile, True) for pool, percentile in climbing]
     assert from_start[:reserve] == [False] * reserve  # then the rivals' runs: off again
     assert from_start[reserve:climbed] == [True] * (climbed - reserve)
     assert not any(from_start[climbed:]) and method.icp_from_start is False
