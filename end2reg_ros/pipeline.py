@@ -685,8 +685,10 @@ class RegistrationPipeline:
             if cfg.rivals_below_score is not None and thorough else 0
         if reserve and search.refined_top_k > 0:
             search = replace(search, refined_top_k=search.refined_top_k + reserve)
+        pools: dict = {}  # refined pools of this frame, shared by its searches
         hyps = propose_initial_poses(frame.depth_mm, frame.camera, self.search_surface,
-                                     self.surface_point, search, bone_probability=bone)
+                                     self.surface_point, search, bone_probability=bone,
+                                     pool_cache=pools)
         stages["search"] = (time.perf_counter() - t0) * 1e3
         if not hyps:
             raise ValueError("the global search found no hypothesis")
@@ -704,41 +706,20 @@ class RegistrationPipeline:
                     and self._weak(max(r[0] for r in refined))):
                 break
             # still weak: another search with a larger pool, its anchors at this depth of
-            # the trough; its new hypotheses (not within same_pose_mm of one tried) go
-            # through the method
-            t0 = time.perf_counter()
-            more = propose_initial_poses(
-                frame.depth_mm, frame.camera, self.search_surface, self.surface_point,
-                replace(search, pool_size=cfg.weak_search_pool,
-                        trough_floor_percentile=percentile),
-                bone_probability=bone)
-            stages["search"] += (time.perf_counter() - t0) * 1e3
-            added = 0
-            for hyp in more:
-                if added >= cfg.global_search.refined_top_k:
-                    break
-                if all(self._target_distance(hyp.cam_from_spine, r[3]) > cfg.same_pose_mm
-                       for r in refined):
-                    refined.append(self._refine_hypothesis(frame, hyp.cam_from_spine, stages))
-                    added += 1
+            # the trough
+            self._search_more(frame, replace(search, pool_size=cfg.weak_search_pool,
+                                             trough_floor_percentile=percentile),
+                              bone, pools, refined, stages)
         for pool, percentile in cfg.weak_climb_searches:
             if not (cfg.weak_climb_steps and thorough
                     and self._weak(max(r[0] for r in refined))):
                 break
-            t0 = time.perf_counter()
-            climbed = propose_initial_poses(
-                frame.depth_mm, frame.camera, self.search_surface, self.surface_point,
-                replace(cfg.global_search, climb_steps=tuple(cfg.weak_climb_steps),
-                        pool_size=int(pool), trough_floor_percentile=float(percentile)),
-                bone_probability=bone)
-            stages["search"] += (time.perf_counter() - t0) * 1e3
-            for hyp in climbed:
-                if all(self._target_distance(hyp.cam_from_spine, r[3]) > cfg.same_pose_mm
-                       for r in refined):
-                    with _method_option(self.method, "icp_from_start",
-                                        cfg.weak_climb_icp_from_start):
-                        refined.append(self._refine_hypothesis(frame, hyp.cam_from_spine,
-                                                               stages))
+            self._search_more(frame, replace(cfg.global_search,
+                                             climb_steps=tuple(cfg.weak_climb_steps),
+                                             pool_size=int(pool),
+                                             trough_floor_percentile=float(percentile)),
+                              bone, pools, refined, stages,
+                              icp_from_start=cfg.weak_climb_icp_from_start)
         refined.sort(key=lambda item: -item[0])
         best_score, best, check, start = refined[0]
         # the chosen hypothesis: the search's own pose stands when it agrees clearly better
@@ -767,6 +748,28 @@ class RegistrationPipeline:
         features["hypotheses"] = len(refined)
         features["weak_first_pass"] = float(weak_first_pass)
         return best, features
+
+    def _search_more(self, frame: Frame, search: GlobalSearchConfig, bone, pools: dict,
+                     refined: list, stages: dict[str, float], icp_from_start=None) -> None:
+        """One more global search of a weak registration: its new hypotheses (not within
+        ``same_pose_mm`` of one tried; at most ``global_search.refined_top_k``) go through
+        the method (with ``icp_from_start`` set on it, when not None) and onto
+        ``refined``."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        more = propose_initial_poses(frame.depth_mm, frame.camera, self.search_surface,
+                                     self.surface_point, search, bone_probability=bone,
+                                     pool_cache=pools)
+        stages["search"] += (time.perf_counter() - t0) * 1e3
+        added = 0
+        for hyp in more:
+            if added >= cfg.global_search.refined_top_k:
+                break
+            if all(self._target_distance(hyp.cam_from_spine, r[3]) > cfg.same_pose_mm
+                   for r in refined):
+                with _method_option(self.method, "icp_from_start", icp_from_start):
+                    refined.append(self._refine_hypothesis(frame, hyp.cam_from_spine, stages))
+                added += 1
 
     def _rivals(self, frame: Frame, best: RegistrationEstimate, best_score: float,
                 stages: dict[str, float], challenge: bool = True) -> dict:

@@ -395,3 +395,39 @@ def test_climb_brings_poses_in_on_the_fine_score(scene, surgical_frame):
     assert index.tolist() == [0, 1, 2]
     deg, mm = _pose_error(poses[0], truth, pipeline.surface_point)
     assert deg > 90.0, (deg, mm)
+
+
+def test_searches_of_one_frame_share_their_refined_pool(scene, surgical_frame, monkeypatch):
+    """With a ``pool_cache``, a search whose configuration differs from one already run only
+    in ``refined_top_k`` / ``climb_steps`` takes that refined pool instead of refining it
+    again, and proposes exactly what it would have without the cache; another pool size is
+    refined anew."""
+    import end2reg_ros.registration.global_init as global_init
+
+    _, _, pipeline = scene
+    calls = []
+    refine = global_init.refine_hypotheses
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[2]))
+        return refine(*args, **kwargs)
+
+    monkeypatch.setattr(global_init, "refine_hypotheses", counted)
+    args = (surgical_frame.depth_mm, surgical_frame.camera, pipeline.search_surface,
+            pipeline.surface_point)
+    base = GlobalSearchConfig()
+    climbing = dataclasses.replace(base, refined_top_k=5,
+                                   climb_steps=PipelineConfig().weak_climb_steps)
+    alone = [propose_initial_poses(*args, config) for config in (base, climbing)]
+    assert len(calls) == 2
+    cache: dict = {}
+    shared = [propose_initial_poses(*args, config, pool_cache=cache)
+              for config in (base, climbing)]
+    assert len(calls) == 3 and len(cache) == 1
+    for a, b in zip(alone, shared):
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x.cam_from_spine, y.cam_from_spine)
+            assert x.score == y.score and x.roll_deg == y.roll_deg
+    propose_initial_poses(*args, dataclasses.replace(base, pool_size=80), pool_cache=cache)
+    assert len(calls) == 4 and len(cache) == 2

@@ -622,6 +622,39 @@ def climb_hypotheses(
     return poses, score, index
 
 
+def _refined_pool(
+    depth_mm: np.ndarray,
+    camera: CameraIntrinsics,
+    surface: SurfaceSamples,
+    surface_point: np.ndarray,
+    config: GlobalSearchConfig,
+    seed: int,
+    bone_probability: np.ndarray | None,
+) -> tuple[list[Hypothesis], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The coarse pool of :func:`propose_initial_poses` refined by ICP: ``(pool, points,
+    normals, refined poses, fine scores)`` (empty pool: the arrays empty too)."""
+    pool_cfg = replace(config, top_k=config.pool_size,
+                       distinct_roll_deg=config.pool_distinct_roll_deg,
+                       distinct_position_mm=config.pool_distinct_position_mm)
+    pool, plane, exposure = global_hypotheses(depth_mm, camera, surface, surface_point,
+                                              pool_cfg, seed, bone_probability)
+    if exposure.found:
+        pool += axis_hypotheses(depth_mm, camera, plane, exposure, surface, surface_point,
+                                config=pool_cfg, bone_probability=bone_probability)
+    if not pool:
+        empty = np.zeros((0, 3))
+        return pool, empty, empty, np.zeros((0, 4, 4)), np.zeros(0)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(surface.points), min(config.icp_points, len(surface.points)),
+                      replace=False)
+    pts = surface.points[pick].astype(np.float64)
+    nrm = surface.normals[pick].astype(np.float64)
+    refined = refine_hypotheses(depth_mm, camera, np.stack([h.cam_from_spine for h in pool]),
+                                pts, nrm, config)
+    scores = fine_scores(depth_mm, camera, refined, pts, nrm, config, bone_probability)
+    return pool, pts, nrm, refined, scores
+
+
 def propose_initial_poses(
     depth_mm: np.ndarray,
     camera: CameraIntrinsics,
@@ -630,6 +663,7 @@ def propose_initial_poses(
     config: GlobalSearchConfig = GlobalSearchConfig(),
     seed: int = 0,
     bone_probability: np.ndarray | None = None,
+    pool_cache: dict | None = None,
 ) -> list[Hypothesis]:
     """The initial poses the registration refines, best first.
 
@@ -652,27 +686,24 @@ def propose_initial_poses(
     on these frames (``pool_size`` 80: 85 % / 86 %) but not the registrations of the
     validation sets (479 frames: 2 more below 2 mm on wide views, 2 fewer on surgical ones,
     and a worse gate), so it stays at 40.
+
+    ``pool_cache``: a dict kept by the caller for several searches of *one* frame (the same
+    depth, surface and bone map): the refined pool of a configuration that differs only in
+    ``refined_top_k`` or ``climb_steps`` from one already searched is taken from it instead
+    of being built and refined again.
     """
     if config.refined_top_k <= 0:
         return coarse_initial_poses(depth_mm, camera, surface, surface_point, config, seed)
-    pool_cfg = replace(config, top_k=config.pool_size,
-                       distinct_roll_deg=config.pool_distinct_roll_deg,
-                       distinct_position_mm=config.pool_distinct_position_mm)
-    pool, plane, exposure = global_hypotheses(depth_mm, camera, surface, surface_point,
-                                              pool_cfg, seed, bone_probability)
-    if exposure.found:
-        pool += axis_hypotheses(depth_mm, camera, plane, exposure, surface, surface_point,
-                                config=pool_cfg, bone_probability=bone_probability)
+    key = (replace(config, refined_top_k=0, climb_steps=()), seed)
+    cached = pool_cache.get(key) if pool_cache is not None else None
+    if cached is None:
+        cached = _refined_pool(depth_mm, camera, surface, surface_point, config, seed,
+                               bone_probability)
+        if pool_cache is not None:
+            pool_cache[key] = cached
+    pool, pts, nrm, refined, scores = cached
     if not pool:
         return []
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(surface.points), min(config.icp_points, len(surface.points)),
-                      replace=False)
-    pts = surface.points[pick].astype(np.float64)
-    nrm = surface.normals[pick].astype(np.float64)
-    refined = refine_hypotheses(depth_mm, camera, np.stack([h.cam_from_spine for h in pool]),
-                                pts, nrm, config)
-    scores = fine_scores(depth_mm, camera, refined, pts, nrm, config, bone_probability)
     index = np.arange(len(pool))
     if config.climb_steps:
         refined, scores, index = climb_hypotheses(depth_mm, camera, refined, pts, nrm,
