@@ -345,19 +345,6 @@ class PipelineConfig:
     #: more below 2 mm than the first alone, none fewer (wrong levels 27 -> 26; the weak
     #: frames' time, two evaluations sharing the 2 cores, p50 3.2 -> 4.5 s)
     weak_climb_searches: tuple[tuple[int, float], ...] = ((40, 75.0), (80, 90.0))
-    #: global mode, with the colour image: the registration is chosen among the refined
-    #: hypotheses by the better of the method's result and its start, each scored by the
-    #: verification score with this share (0-1) of its agreement counted only on bone-like
-    #: pixels (each agreeing model point weighted by its pixel's bone probability from
-    #: :mod:`~end2reg_ros.registration.bone_colour`); the method's result stands unless its
-    #: start agrees better (``keep_search_pose_margin``). 0: the verification score of the
-    #: method's results alone. Why: on wide views with little bone a pose lying on the
-    #: drapes or the muscle beside the exposure agrees with the depth as well as the right
-    #: one (verification scores 0.07 for both on a traced validation frame), and from a
-    #: right start the network sometimes drifts 7-11 mm; the right pose agrees on pale
-    #: pixels. Chosen offline on the candidates the pipeline tried for the 400 wide and
-    #: surgical validation frames, then through the pipeline (see the README).
-    select_bone_weight: float = 1.0
     global_search: GlobalSearchConfig = GlobalSearchConfig()
     #: verification: depth agreement / violation thresholds (mm)
     agree_mm: float = 2.5
@@ -641,10 +628,10 @@ class RegistrationPipeline:
         self.velocity = None
 
     # ------------------------------------------------------------------ verification
-    def _verify(self, frame: Frame, pose: np.ndarray, weights=None) -> DepthAgreement:
+    def _verify(self, frame: Frame, pose: np.ndarray) -> DepthAgreement:
         return depth_agreement(frame.depth_mm, frame.camera, pose, self.surface,
                                self.config.agree_mm, self.config.violate_mm,
-                               targets=self._targets, weights=weights)
+                               targets=self._targets)
 
     @staticmethod
     def _score(check: DepthAgreement) -> float:
@@ -733,10 +720,7 @@ class RegistrationPipeline:
                                              trough_floor_percentile=float(percentile)),
                               bone, pools, refined, stages,
                               icp_from_start=cfg.weak_climb_icp_from_start)
-        keys = self._selection_keys(frame, refined, bone, stages)
-        order = sorted(range(len(refined)), key=lambda k: -keys[k])
-        refined = [refined[k] for k in order]
-        keys = [keys[k] for k in order]
+        refined.sort(key=lambda item: -item[0])
         best_score, best, check, start = refined[0]
         # the chosen hypothesis: the search's own pose stands when it agrees clearly better
         start_check = self._timed_verify(frame, start, stages)
@@ -756,40 +740,14 @@ class RegistrationPipeline:
         levels = [rivals[k][0] for k in ("cranial", "caudal") if k in rivals]
         same = [self._target_distance(best.cam_from_spine, e.cam_from_spine)
                 <= self.config.same_pose_mm for _, e, _, _ in refined]
+        others = [s for (s, _, _, _), agree in zip(refined, same) if not agree] + previous
         support = sum(same) / len(refined)
-        if previous:  # a rival replaced the chosen pose: margins on the verification score
-            others = [s for (s, _, _, _), agree in zip(refined, same) if not agree] + previous
-            margin = best_score - (max(others) if others else -1.0)
-        else:
-            others = [k for k, agree in zip(keys, same) if not agree]
-            margin = keys[0] - (max(others) if others else -1.0)
+        margin = best_score - (max(others) if others else -1.0)
         features = self._features(check, best, margin, support, 0.0)
         features["level_margin"] = float(best_score - max(levels)) if levels else 1.0
         features["hypotheses"] = len(refined)
         features["weak_first_pass"] = float(weak_first_pass)
         return best, features
-
-    def _selection_keys(self, frame: Frame, refined: list, bone,
-                        stages: dict[str, float]) -> list[float]:
-        """What picks the registration among the refined hypotheses ``(score, estimate,
-        check, start)``: their verification score (``select_bone_weight`` 0 or no bone map),
-        else the better of the method's result and its start, each scored with (a share
-        ``select_bone_weight`` of) its agreement counted on bone-like pixels only
-        (``(1 - w) * agree + w * weighted_agree - 3 * violate``, the weights the bone
-        probabilities of the colour image's pixels)."""
-        weight = self.config.select_bone_weight
-        if bone is None or weight <= 0.0:
-            return [item[0] for item in refined]
-
-        def key(pose: np.ndarray) -> float:
-            check = self._verify(frame, pose, bone)
-            return self._score(check) + weight * (check.weighted_agree - check.agree)
-
-        t0 = time.perf_counter()
-        keys = [max(key(estimate.cam_from_spine), key(start))
-                for _, estimate, _, start in refined]
-        stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
-        return keys
 
     def _search_more(self, frame: Frame, search: GlobalSearchConfig, bone, pools: dict,
                      refined: list, stages: dict[str, float], icp_from_start=None) -> None:

@@ -105,29 +105,6 @@ def test_empty_depth_gives_no_checked_points(box_scene):
     assert all(np.isnan(v) for v in check.vertebra_agree.values())
 
 
-def test_weighted_agreement_counts_the_weights_of_the_agreeing_pixels(box_scene):
-    """``weighted_agree``: each agreeing point counts its pixel's weight (bone probability
-    in the pipeline): all ones give the agreement itself, zeros nothing, ones on the left
-    half of the image only the points seen there; NaN without weights."""
-    surface, pose, depth = box_scene
-    plain = depth_agreement(depth, CAMERA, pose, surface)
-    assert np.isnan(plain.weighted_agree)
-    ones = depth_agreement(depth, CAMERA, pose, surface, weights=np.ones_like(depth))
-    assert ones.weighted_agree == pytest.approx(plain.agree)
-    zeros = depth_agreement(depth, CAMERA, pose, surface, weights=np.zeros_like(depth))
-    assert zeros.weighted_agree == 0.0
-    left = np.zeros_like(depth)
-    left[:, : CAMERA.width // 2] = 1.0
-    half = depth_agreement(depth, CAMERA, pose, surface, weights=left)
-    pts = surface.points @ pose[:3, :3].T + pose[:3, 3]
-    u = CAMERA.fx * pts[:, 0] / pts[:, 2] + CAMERA.cx
-    seen_left = (u < CAMERA.width / 2).mean()
-    assert 0.0 < half.weighted_agree < plain.agree
-    assert half.weighted_agree == pytest.approx(plain.agree * seen_left, abs=0.1)
-    # the other fractions do not depend on the weights
-    assert (half.agree, half.violate, half.checked) == (plain.agree, plain.violate, plain.checked)
-
-
 def test_level_with_too_few_points_is_nan(box_scene):
     surface, pose, depth = box_scene
     check = depth_agreement(depth, CAMERA, pose, surface, min_vertebra_points=10**6)

@@ -319,49 +319,6 @@ def test_a_drifting_refinement_does_not_replace_the_search_pose(method, specimen
         assert tre > 4.0
 
 
-def test_the_registration_is_chosen_by_bone_agreement_of_result_or_start(method, specimen,
-                                                                          recording):
-    """Among refined hypotheses ``(score, result, check, start)`` the pipeline picks by the
-    better of the method's result and its start, its agreement counted on bone-like pixels:
-    a hypothesis whose result drifted 15 mm from a true start outranks one whose result and
-    start both lie 4 mm off (the verification score of the results alone, without the
-    colour image or with ``select_bone_weight`` 0, ranks them the other way); where no pixel
-    looks like bone, agreement counts nothing and only the violations remain."""
-    frame = recording[0]
-    truth = frame.cam_from_spine @ np.asarray(specimen.user_from_spine, dtype=float)
-
-    def moved(dx_mm):
-        pose = truth.copy()
-        pose[0, 3] += dx_mm
-        return pose
-
-    pipe = RegistrationPipeline(method, specimen, config=PipelineConfig(tracking=False))
-
-    def item(result, start):
-        estimate = dataclasses.replace(method.register(frame, start), cam_from_spine=result)
-        return (pipe._score(pipe._verify(frame, result)), estimate, None, start)
-
-    drifted_from_truth = item(moved(15.0), truth)
-    both_off = item(moved(4.0), moved(4.0))
-    refined = [both_off, drifted_from_truth]
-    ones = np.ones(frame.depth_mm.shape, dtype=np.float32)
-    stages: dict = {}
-    old = pipe._selection_keys(frame, refined, None, stages)
-    assert old == [both_off[0], drifted_from_truth[0]] and old[0] > old[1]
-    keys = pipe._selection_keys(frame, refined, ones, stages)
-    assert keys[1] > keys[0]
-    check = pipe._verify(frame, truth)
-    assert keys[1] == pytest.approx(pipe._score(check))  # every pixel bone: the plain score
-    assert "verify" in stages
-    off = RegistrationPipeline(method, specimen, config=PipelineConfig(
-        tracking=False, select_bone_weight=0.0))
-    assert off._selection_keys(frame, refined, ones, stages) == old
-    not_bone = pipe._selection_keys(frame, refined, np.zeros_like(ones), stages)
-    drifted = pipe._verify(frame, moved(15.0))
-    assert not_bone[1] == pytest.approx(max(-3.0 * check.violate, -3.0 * drifted.violate))
-    assert not_bone[1] < keys[1] - 0.1
-
-
 class _WrongLevelMethod(RegistrationMethod):
     """The real method, but its first ``wrong_calls`` results (the global search's
     hypotheses) land one vertebra caudally of where it put them: the look-alike-level

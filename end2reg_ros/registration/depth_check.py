@@ -141,10 +141,6 @@ class DepthAgreement:
     #: point-to-plane information of the agreeing points (:func:`target_sd_mm`); NaN when no
     #: targets were given, inf when the agreeing points leave a motion unconstrained
     target_sd_mm: float = float("nan")
-    #: with a per-pixel ``weights`` image (e.g. the probability that a pixel shows bone):
-    #: the agreeing checked points' weights summed, as a fraction of the checked points
-    #: (NaN without one)
-    weighted_agree: float = float("nan")
 
 
 def depth_agreement(
@@ -156,11 +152,9 @@ def depth_agreement(
     violate_mm: float = 6.0,
     min_vertebra_points: int = 30,
     targets: np.ndarray | None = None,
-    weights: np.ndarray | None = None,
 ) -> DepthAgreement:
     """Depth consistency of ``surface`` posed by ``cam_from_spine`` (mm) in one depth image;
-    with ``targets`` (T, 3, spine frame, mm) also ``target_sd_mm`` of the agreeing points,
-    with ``weights`` (H, W, values in [0, 1]) also ``weighted_agree``."""
+    with ``targets`` (T, 3, spine frame, mm) also ``target_sd_mm`` of the agreeing points."""
     pose = np.asarray(cam_from_spine, dtype=np.float64)
     rot, trans = pose[:3, :3], pose[:3, 3]
     pts = surface.points @ rot.T + trans
@@ -172,8 +166,7 @@ def depth_agreement(
     n = int(checked.sum())
     if n == 0:
         nan = float("nan")
-        return DepthAgreement(0.0, 0.0, 0.0, 0, {lv: nan for lv in surface.levels}, nan, nan,
-                              weighted_agree=nan if weights is None else 0.0)
+        return DepthAgreement(0.0, 0.0, 0.0, 0, {lv: nan for lv in surface.levels}, nan, nan)
     agree_mask = np.abs(r) <= agree_mm
     per_level: dict[str, float] = {}
     vert = surface.vertebra[checked]
@@ -187,10 +180,6 @@ def depth_agreement(
     if targets is not None and len(targets):
         sd = target_sd_mm(pts[checked][agree_mask], nrm[checked][agree_mask],
                           np.asarray(targets, dtype=np.float64) @ rot.T + trans)
-    weighted = float("nan")
-    if weights is not None:
-        vi, ui, _ = pixel_indices(camera, pts[checked])
-        weighted = float(np.asarray(weights, dtype=np.float64)[vi, ui][agree_mask].sum() / n)
     return DepthAgreement(
         agree=float(agree_mask.mean()),
         violate=float((r > violate_mm).mean()),
@@ -200,7 +189,6 @@ def depth_agreement(
         min_vertebra_agree=float(min(finite)) if finite else float("nan"),
         median_abs_agree_mm=float(np.median(np.abs(r[agree_mask]))) if agree_mask.any() else float("nan"),
         target_sd_mm=sd,
-        weighted_agree=weighted,
     )
 
 
