@@ -29,7 +29,9 @@ after the rivals of weak registrations moved the confidence of validation frames
 by 0.02 at the 90th percentile and up to 0.36 (a held-out pose 3.1 mm off, features
 unchanged, from 0.919 to 0.973), so the edge of the table is not a safe place to stand; printed and written into the calibration file (``extra.recommended_min_confidence``), and
 into the README's table by hand. A reliability diagram (PNG) shows predicted probability
-against the observed share of frames below 2 mm.
+against the observed share of frames below 2 mm. A fitted weight whose sign contradicts
+what its feature means (:data:`EXPECTED_SIGNS`) is printed as a warning and stored
+(``extra.sign_violations``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,27 @@ from end2reg_ros.pipeline import DEFAULT_CALIBRATION, FEATURES, MODES, Confidenc
 from end2reg_ros.safety import SafetyLimits
 
 SUCCESS_MM = 2.0
+
+#: The sign a feature's weight must have for the confidence to mean what it says: more
+#: depth agreement, support or level margin can only make a pose likelier right; free-space
+#: violations, a larger residual or a pose the agreeing surface pins down less firmly
+#: (``target_sd``) only less likely. A fit that gives one of them the other sign has learned
+#: something of its validation frames that does not carry: a refit that weighted the
+#: violations *for* a pose (+0.80) published 18 held-out poses above 2 mm, one a wrong level
+#: 79 mm off at confidence 1.000, where the calibration before it published 5. Features
+#: without a physical direction (occlusion, the number of checked points, the motion) are
+#: not listed.
+EXPECTED_SIGNS = {
+    "agree": 1.0,
+    "min_vertebra_agree": 1.0,
+    "fit_inliers": 1.0,
+    "margin": 1.0,
+    "support": 1.0,
+    "level_margin": 1.0,
+    "violate": -1.0,
+    "residual_mm": -1.0,
+    "target_sd": -1.0,
+}
 GROSS_MM = 5.0
 
 
@@ -111,6 +134,18 @@ def fit(rows: list[dict], l2: float = 1.0, source: str = "",
         raise ValueError("too few global-mode frames with both outcomes (< 2 mm and >= 2 mm) "
                          "to fit the confidence: evaluate more validation frames")
     return ConfidenceModel(coef, mean, scale, source)
+
+
+def sign_violations(model: ConfidenceModel) -> list[tuple[str, str, float]]:
+    """``(mode, feature, weight)`` for every fitted weight (standardised, non-zero) whose sign
+    is the opposite of :data:`EXPECTED_SIGNS`."""
+    out = []
+    for mode, coef in model.coef.items():
+        for feature, weight in zip(FEATURES, np.asarray(coef, dtype=float)[1:]):
+            expected = EXPECTED_SIGNS.get(feature)
+            if expected is not None and weight * expected < 0.0:
+                out.append((mode, feature, float(weight)))
+    return out
 
 
 def out_of_fold(rows: list[dict], l2: float, folds: int, ignore: tuple[str, ...] = (),
@@ -292,6 +327,9 @@ def run(args: argparse.Namespace) -> int:
         "out_of_fold_brier": float(np.mean((oof - success) ** 2)),
         "out_of_fold_gate_table": oof_table,
     }
+    wrong = sign_violations(model)
+    model.extra["sign_violations"] = [
+        {"mode": m, "feature": f, "weight": w} for m, f, w in wrong]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     model.save(args.out)
     print(f"{len(rows)} validation frames ({model.extra['modes']}), {success.mean():.1%} below "
@@ -309,6 +347,11 @@ def run(args: argparse.Namespace) -> int:
               f"{o['accepted_rate']:21.1%} | {o['false_accept_2mm']:5.1%} | "
               f"{o['accepted_over_5mm']:4d}{mark}")
     print(f"calibration: {args.out}")
+    for mode, feature, weight in wrong:
+        print(f"WARNING: {mode} weight of {feature!r} is {weight:+.2f}, against its expected "
+              f"sign ({'+' if EXPECTED_SIGNS[feature] > 0 else '-'}): this fit may not carry "
+              "to new frames; check it on held-out data before shipping it, or leave the "
+              "feature out (--ignore)")
     if args.plot is not None:
         reliability_plot(probs, success, args.plot,
                          f"confidence calibration, {len(rows)} validation frames", oof)

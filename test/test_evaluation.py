@@ -245,3 +245,32 @@ def test_icp_from_start_option_reaches_every_learned_method(tmp_path):
     options = evaluation._method_options(parser.parse_args(base + ["--icp-from-start"]))
     assert set(options) == set(LEARNED_METHODS)
     assert all(o == {"icp_from_start": True} for o in options.values())
+
+
+def test_calibration_flags_weights_against_their_features_meaning():
+    """A fitted weight with the wrong sign (free-space violations *for* a pose) is reported;
+    weights with the expected signs, and features without a physical direction, are not."""
+    from end2reg_ros.calibration import EXPECTED_SIGNS, sign_violations
+    from end2reg_ros.pipeline import FEATURES, ConfidenceModel
+
+    def model(**weights):
+        coef = [0.5] + [weights.get(f, EXPECTED_SIGNS.get(f, 1.0)) for f in FEATURES]
+        return ConfidenceModel({"global": coef}, {"global": [0.0] * len(FEATURES)},
+                               {"global": [1.0] * len(FEATURES)})
+
+    assert sign_violations(model()) == []
+    assert sign_violations(model(occluded=-2.0, log_checked=-1.0, motion_mm=3.0)) == []
+    assert sign_violations(model(violate=0.8)) == [("global", "violate", 0.8)]
+    flagged = sign_violations(model(agree=-0.1, level_margin=-1.0, residual_mm=0.2))
+    assert {f for _, f, _ in flagged} == {"agree", "level_margin", "residual_mm"}
+
+
+def test_bundled_calibration_weighs_the_evidence_the_right_way():
+    """The shipped confidence: depth agreement, support and the level margin count for a
+    pose; free-space violations, the residual and a loosely pinned pose against it."""
+    from end2reg_ros.calibration import sign_violations
+    from end2reg_ros.pipeline import DEFAULT_CALIBRATION, ConfidenceModel
+
+    wrong = {f for _, f, _ in sign_violations(ConfidenceModel.load(DEFAULT_CALIBRATION))}
+    assert not wrong & {"agree", "support", "level_margin", "violate", "residual_mm",
+                        "target_sd", "fit_inliers", "margin"}
