@@ -46,6 +46,7 @@ from end2reg_ros.pipeline import DEFAULT_CALIBRATION, FEATURES, MODES, Confidenc
 from end2reg_ros.safety import SafetyLimits
 
 SUCCESS_MM = 2.0
+GROSS_MM = 5.0
 
 #: The sign a feature's weight must have for the confidence to mean what it says: more
 #: depth agreement, support or level margin can only make a pose likelier right; free-space
@@ -67,7 +68,6 @@ EXPECTED_SIGNS = {
     "residual_mm": -1.0,
     "target_sd": -1.0,
 }
-GROSS_MM = 5.0
 
 
 def _rows(reports: list[dict], method: str) -> list[dict]:
