@@ -328,3 +328,36 @@ def test_wide_views_keep_the_spine_point_in_their_stated_range(motion):
     if motion == "independent":  # the whole ranges are used, not just their middles
         assert depth.min() < 180.0 and depth.max() > 570.0 and frac.max() > 0.6
         assert np.histogram(roll, bins=8, range=(-180, 180))[0].min() > 0
+
+
+def test_wide_views_that_hide_the_spine_are_drawn_again():
+    """A wide viewpoint from which the wound's walls and the image's edges leave less than
+    half of the exposed spine in view (before occluders) is redrawn; without the check the
+    same random stream renders such views (seed 41: a 45 deg view sees only the wall)."""
+    specimen = generate_specimen(41, "visible_share")
+    checked = list(render_frames_with_info(specimen, 6, np.random.default_rng(41),
+                                           views=ViewSampler(views="wide")))
+    unchecked = list(render_frames_with_info(
+        specimen, 6, np.random.default_rng(41),
+        views=ViewSampler(views="wide", wide_min_visible_share=0.0)))
+    shares = np.array([info.visible_share for _, info in checked])
+    print(shares, [info.visible_share for _, info in unchecked])
+    assert shares.min() >= 0.5
+    assert sum(info.view_redraws for _, info in checked) >= 1
+    assert min(info.visible_share for _, info in unchecked) < 0.5
+    assert all(info.view_redraws == 0 for _, info in unchecked)
+    # until the first redraw both streams render the same frames
+    first = next(k for k, (_, info) in enumerate(checked) if info.view_redraws)
+    assert first >= 1
+    for (a, ia), (b, ib) in zip(checked[:first], unchecked[:first]):
+        assert np.array_equal(a.depth_mm, b.depth_mm) and ia.visible_share == ib.visible_share
+    # the refused views really showed less bone than the kept ones
+    assert unchecked[first][1].visible_share < 0.5
+    # the share is measured against the top view: a visible spine scores near 1
+    assert np.median(shares) > 0.8
+
+
+def test_surgical_views_are_never_redrawn():
+    specimen = generate_specimen(42, "visible_share_surgical")
+    infos = [info for _, info in render_frames_with_info(specimen, 3, np.random.default_rng(3))]
+    assert all(info.view_redraws == 0 and np.isfinite(info.visible_share) for info in infos)

@@ -125,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
         "occlusion_range": [lo, hi],
         "camera_motion": args.motion,
         "views": args.views,
+        # wide views leaving less of the spine in view than this were drawn again
+        "wide_min_visible_share": ViewSampler().wide_min_visible_share
+        if args.views == "wide" and args.motion == "independent"
+        else 0.0,
     }
     (out / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
     bar = tqdm(total=args.specimens * args.frames, unit="frame", disable=args.no_progress)
@@ -160,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
                     "requested_occlusion",
                     "bone_pixels",
                     "layer_pixels",
+                    "visible_share",
+                    "view_redraws",
                 ]
             )
             for rec in infos:
@@ -171,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
                         f"{rec.requested_occlusion:.4f}",
                         rec.bone_pixels,
                         rec.layer_pixels,
+                        f"{rec.visible_share:.3f}",
+                        rec.view_redraws,
                     ]
                 )
     bar.close()
