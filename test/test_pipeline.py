@@ -566,3 +566,42 @@ def test_pipeline_with_a_confidence_model(method, specimen, recording, tmp_path)
 def test_pipeline_with_a_malformed_calibration_file_raises(method, specimen, tmp_path):
     with pytest.raises(ValueError, match="cannot read the confidence calibration"):
         RegistrationPipeline(method, specimen, calibration=_write(tmp_path / "x.json", "nope"))
+
+
+def test_polish_brings_a_registration_off_along_the_surface_back(pipeline, recording, specimen,
+                                                                 monkeypatch):
+    """The global registration's whole-model ICP polish (``polish_icp_distances_mm``): a pose
+    2.4 mm / 1 deg off the truth (spine frame) comes back within 1 mm and verifies better; a
+    polish that verifies worse is not kept; no distances, no polish."""
+    from end2reg_ros.geometry import axis_angle_to_matrix, make_pose
+    from end2reg_ros.types import RegistrationEstimate
+
+    frame = recording[0]
+    nudge = make_pose(axis_angle_to_matrix(np.array([0.0, 1.0, 0.0]), math.radians(1.0)),
+                      np.array([1.5, 1.5, 0.0]))
+    off = frame.cam_from_spine @ nudge
+    tre = lambda pose: frame_metrics(pose, frame, specimen).tre_median_mm  # noqa: E731
+    assert tre(off) > 2.0
+
+    def estimate():
+        return RegistrationEstimate(cam_from_spine=off.copy(), confidence=0.5, residual_mm=1.0,
+                                    num_points=100)
+
+    check = pipeline._verify(frame, off)
+    score = pipeline._score(check)
+    polished, polished_check, polished_score = pipeline._polish(frame, estimate(), check, score,
+                                                                {})
+    print(tre(off), tre(polished.cam_from_spine), score, polished_score)
+    assert polished_score > score and polished_check is not check
+    assert tre(polished.cam_from_spine) < 1.0
+    # an ICP result that verifies worse (here: 30 mm away) is not kept
+    far = make_pose(np.eye(3), np.array([30.0, 0.0, 0.0])) @ off
+    monkeypatch.setattr(pipeline, "_icp_from", lambda *a, **k: (far, None, None))
+    kept, kept_check, kept_score = pipeline._polish(frame, estimate(), check, score, {})
+    assert np.array_equal(kept.cam_from_spine, off) and kept_check is check
+    monkeypatch.undo()
+    # switched off
+    unpolished = RegistrationPipeline(pipeline.method, specimen,
+                                      config=PipelineConfig(polish_icp_distances_mm=()))
+    same, _, same_score = unpolished._polish(frame, estimate(), check, score, {})
+    assert np.array_equal(same.cam_from_spine, off) and same_score == score
