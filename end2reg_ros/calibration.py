@@ -170,6 +170,11 @@ def log_loss(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
+#: thresholds of the gate tables: steps of 0.05, and of 0.01 above 0.95 (where the gate sits)
+THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.951, 0.05), 2)) + (
+    0.96, 0.97, 0.98, 0.99)
+
+
 def gate_table(probabilities: np.ndarray, tre: np.ndarray,
                refused: np.ndarray | None = None) -> list[dict]:
     """Accepted share, false accepts (> 2 mm) and gross accepts (> 5 mm) per threshold;
@@ -177,7 +182,7 @@ def gate_table(probabilities: np.ndarray, tre: np.ndarray,
     accepted."""
     table = []
     allowed = np.ones(len(tre), bool) if refused is None else ~np.asarray(refused, bool)
-    for t in np.round(np.arange(0.05, 1.0, 0.05), 2):
+    for t in THRESHOLDS:
         acc = (probabilities >= t) & allowed
         n = int(acc.sum())
         table.append({
@@ -192,14 +197,16 @@ def gate_table(probabilities: np.ndarray, tre: np.ndarray,
 def choose_threshold(table: list[dict], max_false_accept: float,
                      out_of_fold: list[dict] | None = None, margin_steps: int = 0) -> dict:
     """Smallest threshold meeting the false-accept limits in ``table`` and, when given, in
-    the ``out_of_fold`` table of the same thresholds, moved up by ``margin_steps`` rows of
-    the table (the highest tried if none does)."""
+    the ``out_of_fold`` table of the same thresholds, moved up by ``margin_steps`` steps of
+    0.05 (to the first row at or above that; the highest tried if none is, or if no
+    threshold meets the limits)."""
     def meets(row: dict) -> bool:
         return row["false_accept_2mm"] <= max_false_accept and row["accepted_over_5mm"] == 0
 
     for k, row in enumerate(table):
         if meets(row) and (out_of_fold is None or meets(out_of_fold[k])):
-            return table[min(k + max(int(margin_steps), 0), len(table) - 1)]
+            target = row["min_confidence"] + 0.05 * max(int(margin_steps), 0) - 1e-9
+            return next((r for r in table[k:] if r["min_confidence"] >= target), table[-1])
     return table[-1]
 
 

@@ -186,9 +186,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("warn_throttle", "double", 5.0, "s",
               "shortest interval between two warnings of the same kind", _positive),
     # --- safety gate (dynamic)
-    ParamSpec("min_confidence", "double", 0.95, "",
+    ParamSpec("min_confidence", "double", 0.97, "",
               "gate: smallest accepted confidence, a calibrated probability that the frame's "
-              "TRE is below 2 mm (0.95: chosen on validation specimens, in-sample and out of "
+              "TRE is below 2 mm (0.97: chosen on validation specimens, in-sample and out of "
               "fold, README)",
               _unit_interval, dynamic=True),
     ParamSpec("min_level_margin", "double", 0.02, "",

@@ -11,7 +11,8 @@ stamp, the velocity between the last two verified poses, and the mode:
   initial poses with no assumption on the camera placement; the registration method (End2Reg)
   refines each; the depth check (:mod:`~end2reg_ros.registration.depth_check`) of each
   refined pose picks one (and the search's own pose of that hypothesis stands instead when
-  it agrees clearly better with the depth image);
+  it agrees clearly better with the depth image); a fine ICP of the scene near the whole
+  model polishes it when the polished pose agrees better;
 * ``tracking`` (``config.tracking``, after a verified pose): the pose predicted from the
   last two verified poses seeds a point-to-plane ICP on the scene points that lie on the part
   of the model the learned segmentation selected in the last global registration (the

@@ -36,7 +36,7 @@ class SafetyLimits:
     wrong-level ambiguity a confidence fitted on few such frames can miss.
     """
 
-    min_confidence: float = 0.95
+    min_confidence: float = 0.97
     max_residual_mm: float = 5.0
     min_points: int = 200
     max_age_s: float = 2.0

@@ -204,6 +204,16 @@ def test_gate_choice_needs_the_limits_in_sample_and_out_of_fold():
     assert choose_threshold(in_sample, 0.005, out_of_fold, margin_steps=1)["min_confidence"] == 0.95
     assert choose_threshold(in_sample, 0.005, margin_steps=1)["min_confidence"] == 0.9
     assert choose_threshold(in_sample, 0.005, margin_steps=5)["min_confidence"] == 0.95
+    # the tables step by 0.01 above 0.95; a margin step stays 0.05
+    from end2reg_ros.calibration import THRESHOLDS
+
+    assert THRESHOLDS[-5:] == (0.95, 0.96, 0.97, 0.98, 0.99) and 0.5 in THRESHOLDS
+    top = [row(t, 0.0, 0) for t in (0.9, 0.95, 0.96, 0.97, 0.98, 0.99)]
+    top_oof = [row(t, 0.01 if t < 0.97 else 0.0, 1 if t < 0.97 else 0)
+               for t in (0.9, 0.95, 0.96, 0.97, 0.98, 0.99)]
+    assert choose_threshold(top, 0.005, top_oof)["min_confidence"] == 0.97
+    assert choose_threshold(top, 0.005, top_oof, margin_steps=1)["min_confidence"] == 0.99
+    assert choose_threshold(top, 0.005, margin_steps=1)["min_confidence"] == 0.95
 
 
 def test_gate_table_never_accepts_frames_the_level_floor_refuses():
