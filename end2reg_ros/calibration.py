@@ -22,8 +22,9 @@ node's) count as refused in the gate tables whatever their confidence; the fit u
 Gate: the smallest ``min_confidence`` at which the accepted frames of the validation reports
 contain at most ``--max-false-accept`` (share) with TRE > 2 mm and none with TRE > 5 mm,
 both in-sample and out of fold (the in-sample figures alone are optimistic: on held-out
-sets a threshold chosen on them let wrong-level poses through), then ``--margin-steps``
-(default 2) steps of 0.05 higher: a refit on the same frames registered by slightly
+sets a threshold chosen on them let wrong-level poses through; the tables step by 0.05, and
+by 0.01 above 0.95), then ``--margin-steps`` (default 2) steps of 0.05 higher (capped at the
+table's top, 0.99): a refit on the same frames registered by slightly
 different code moved one wrong-level frame's confidence from 0.76 to 0.98, and the refit
 after the rivals of weak registrations moved the confidence of validation frames above 0.8
 by 0.02 at the 90th percentile and up to 0.36 (a held-out pose 3.1 mm off, features
