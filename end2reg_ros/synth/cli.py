@@ -78,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="surgical",
         help="camera placements: surgical (tilt <= 10 deg, L1 towards the image top, spine "
         "centred) or wide (tilt <= 45 deg, any rotation about the optical axis, 150-600 mm, "
-        "spine anywhere in the central two thirds of the image)",
+        "spine anywhere in the central two thirds of the image; with --motion independent a "
+        "view that leaves less than half of the exposed spine in view is drawn again)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
