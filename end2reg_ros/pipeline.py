@@ -778,10 +778,11 @@ class RegistrationPipeline:
         if out is None:
             return estimate, check, score
         polished = self._timed_verify(frame, out[0], stages)
-        if self._score(polished) <= score:
+        polished_score = self._score(polished)
+        if polished_score <= score:
             return estimate, check, score
         estimate.cam_from_spine = out[0]
-        return estimate, polished, self._score(polished)
+        return estimate, polished, polished_score
 
     def _search_more(self, frame: Frame, search: GlobalSearchConfig, bone, pools: dict,
                      refined: list, stages: dict[str, float], icp_from_start=None) -> None:

@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 1
     out.mkdir(parents=True, exist_ok=True)
+    views = ViewSampler(motion=args.motion, views=args.views)
     description = {
         "generator": "end2reg_ros.synth",
         "generator_version": GENERATOR_VERSION,
@@ -127,9 +128,7 @@ def run(args: argparse.Namespace) -> int:
         "camera_motion": args.motion,
         "views": args.views,
         # wide views leaving less of the spine in view than this were drawn again
-        "wide_min_visible_share": ViewSampler().wide_min_visible_share
-        if args.views == "wide" and args.motion == "independent"
-        else 0.0,
+        "wide_min_visible_share": views.redraw_min_visible_share,
     }
     (out / "dataset.json").write_text(json.dumps(description, indent=2) + "\n")
     bar = tqdm(total=args.specimens * args.frames, unit="frame", disable=args.no_progress)
@@ -152,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             camera,
             (lo, hi),
             info=infos,
-            views=ViewSampler(motion=args.motion, views=args.views),
+            views=views,
         )
         write_recording(out / name / "recording", counted(frames), specimen_name=name)
         with open(out / name / "frames.csv", "w", newline="") as fh:

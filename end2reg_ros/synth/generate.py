@@ -142,6 +142,15 @@ class ViewSampler:
         if self.views not in VIEW_SETS:
             raise ValueError(f"unknown view set {self.views!r}; choose one of {VIEW_SETS}")
 
+    @property
+    def redraw_min_visible_share(self) -> float:
+        """The visible share below which a drawn view is drawn again: ``wide_min_visible_share``
+        for wide views with independent motion, else 0 (no redraws: surgical views, and a
+        smooth recording's views are tied to their key viewpoints)."""
+        if self.views == "wide" and self.motion == "independent":
+            return max(float(self.wide_min_visible_share), 0.0)
+        return 0.0
+
     def _key(self, rng: np.random.Generator) -> np.ndarray:
         if self.views == "wide":
             return self._wide_key(rng)
@@ -354,13 +363,14 @@ class SyntheticRenderer:
             [la.vertebra_index for la in self.scene.layers], dtype=np.int64
         )
         self.layer_material = np.array([la.material for la in self.scene.layers], dtype=np.uint8)
+        self._reference_bone_pixels: int | None = None  # reference_bone_pixels(), once
 
     def reference_bone_pixels(self, views: ViewSampler) -> int:
         """Exposed bone pixels of the nominal top view (no tilt, aimed at the spine point)
         from :data:`REFERENCE_DISTANCE_MM`, without occluders: the denominator of
         ``FrameInfo.visible_share``. Rendered once per renderer with a fixed random stream
         of its own (the recording's stream is untouched)."""
-        if getattr(self, "_reference_bone_pixels", None) is None:
+        if self._reference_bone_pixels is None:
             ref_rng = np.random.default_rng(0)
             params = np.array([0.0, 0.0, 0.0, 0.0, 0.0, REFERENCE_DISTANCE_MM])
             cam_from_spine = views.cam_from_spine(params, self.scene.surface_height_mm)
@@ -600,9 +610,7 @@ def render_frames_with_info(
     lighting = sc.Lighting.random(rng) if smooth else None
     target = 0.0
     reference = renderer.reference_bone_pixels(views)
-    # a wide view that leaves too little of the spine in view is drawn again (independent
-    # frames only: a smooth recording's views are tied to their key viewpoints)
-    redraw = views.views == "wide" and not smooth and views.wide_min_visible_share > 0.0
+    min_share = views.redraw_min_visible_share  # 0: views are never drawn again
     surface_point = np.array([0.0, 0.0, renderer.scene.surface_height_mm, 1.0])
     for i in range(n_frames):
         key = params[i]
@@ -624,13 +632,13 @@ def render_frames_with_info(
                 if reference > 0
                 else float("nan")
             )
-            if not redraw or visible_share >= views.wide_min_visible_share:
+            if not min_share or visible_share >= min_share:
                 break
             redraws += 1
             if redraws > MAX_VIEW_REDRAWS:
                 raise RuntimeError(
                     f"{specimen.name}: no wide viewpoint in {MAX_VIEW_REDRAWS} draws leaves "
-                    f"{views.wide_min_visible_share:.0%} of the exposed spine in view "
+                    f"{min_share:.0%} of the exposed spine in view "
                     "(lower ViewSampler.wide_min_visible_share)"
                 )
             key = views._key(rng)
