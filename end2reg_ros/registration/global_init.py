@@ -117,6 +117,14 @@ class GlobalSearchConfig:
     #: point agreeing with the depth counts ``colour_base + p(bone)`` of its pixel instead
     #: of 1, and a violation ``colour_base + 0.5``
     colour_base: float = 0.25
+    #: the support plane's normal tilted by this angle (deg) towards
+    #: ``normal_tilt_direction_deg`` (in the plane, from its first basis vector) before the
+    #: search uses it (0: as fitted). The plane fitted to the whole image can lean 10-26 deg
+    #: from the spine's posterior axis when occluders, the wound's walls or a curved back
+    #: fill the view, more than the pool's ICP corrects; the pipeline searches tilted planes
+    #: for weak registrations only
+    normal_tilt_deg: float = 0.0
+    normal_tilt_direction_deg: float = 0.0
     #: a local search of the refined pool on the fine score itself
     #: (:func:`climb_hypotheses`): (step mm, step deg) per stage, coarse to fine; empty: none
     #: (the default search; the pipeline climbs for weak registrations only)
@@ -230,6 +238,20 @@ def find_exposure(
     ray = np.array([0.0, 0.0, 1.0])
     t = plane.offset / min(float(plane.normal @ ray), -1e-3)  # normal faces the camera
     return Exposure(ray * t, e1, e2, False, len(trough))
+
+
+def tilted_plane(plane: SupportPlane, tilt_deg: float, direction_deg: float) -> SupportPlane:
+    """``plane`` with its normal tilted by ``tilt_deg`` towards ``direction_deg`` (in the
+    plane, from the first vector of :func:`_plane_basis`), through the point of ``plane``
+    nearest the optical centre; ``plane`` itself when ``tilt_deg`` is 0."""
+    if tilt_deg == 0.0:
+        return plane
+    e1, e2 = _plane_basis(plane.normal)
+    phi = np.radians(direction_deg)
+    axis = np.cos(phi) * e1 + np.sin(phi) * e2
+    normal = axis_angle_to_matrix(axis, np.radians(tilt_deg)) @ plane.normal
+    return SupportPlane(normal, float(normal @ (plane.normal * plane.offset)),
+                        plane.inlier_fraction)
 
 
 def rotation_from_normal_roll(normal: np.ndarray, roll_rad: float) -> np.ndarray:
@@ -382,7 +404,8 @@ def global_hypotheses(
     """
     rng = np.random.default_rng(seed)
     depth = np.asarray(depth_mm, dtype=np.float32)
-    plane = fit_support_plane(depth, camera, rng, config)
+    plane = tilted_plane(fit_support_plane(depth, camera, rng, config),
+                         config.normal_tilt_deg, config.normal_tilt_direction_deg)
     exposure = find_exposure(depth, camera, plane, config)
     anchors = candidate_anchors(exposure, plane, camera, config)
     rolls = np.arange(0.0, 360.0, config.roll_step_deg)
