@@ -358,9 +358,9 @@ class PipelineConfig:
     #: directions spread evenly around it (``GlobalSearchConfig.normal_tilt_deg``; 0
     #: directions: none), whose new hypotheses (at most ``refined_top_k`` each) go through
     #: the method too. The plane fitted to the whole image leaned 10-26 deg from the
-    #: spine's posterior axis on 4 of 7 gross failures of a wide occluded validation set
+    #: spine's posterior axis on 3 of 7 gross failures of a wide occluded validation set
     #: (542), where no hypothesis came within 15 mm of the truth; with the true axis as the
-    #: normal the best-ranked ones did on 2 of those. Offline on the 7 gross failures of
+    #: normal some of the top three did on 2 of those. Offline on the 7 gross failures of
     #: another (544): some proposal of the six 12 deg searches within 3 mm of the truth on
     #: 3 (none before), 1.0-1.3 s for the six searches.
     #: A tilted search's result competes only when at most this share of its checked
