@@ -287,25 +287,6 @@ def test_a_search_on_a_tilted_plane_undoes_a_leaning_fit(scene, surgical_frame, 
     assert tilted[0] < 2.0
 
 
-class _StaysMethod:
-    """The real method's segmentation and fit, its pose left where it started: the
-    pipeline's result is then the best search pose it was given."""
-
-    name = "stays"
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def prepare(self, specimen):
-        self.inner.prepare(specimen)
-        self.model = getattr(self.inner, "model", None)
-
-    def register(self, frame, init_cam_from_spine):
-        estimate = self.inner.register(frame, init_cam_from_spine)
-        estimate.cam_from_spine = np.asarray(init_cam_from_spine, dtype=float).copy()
-        return estimate
-
-
 @pytest.mark.parametrize(("directions", "max_violate"), [(0, 0.01), (4, 0.01), (4, -1.0)])
 def test_a_weak_registration_searches_tilted_planes(scene, surgical_frame, leaning_plane,
                                                     directions, max_violate):
@@ -317,7 +298,9 @@ def test_a_weak_registration_searches_tilted_planes(scene, surgical_frame, leani
     search's result competes only with few free-space violations (``max_violate`` -1:
     none does), and does not count towards the support."""
     specimen, _, pipeline = scene
-    pipe = RegistrationPipeline(_StaysMethod(pipeline.method), specimen, config=PipelineConfig(
+    from test_pipeline import _DriftingMethod  # shift 0: keeps the poses it is given
+
+    pipe = RegistrationPipeline(_DriftingMethod(pipeline.method, 0.0), specimen, config=PipelineConfig(
         tracking=False, weak_extra_hypotheses=0, weak_search_pool=0, weak_climb_steps=(),
         weak_tilt_deg=25.0, weak_tilt_directions=directions, weak_tilt_max_violate=max_violate))
     result = pipe.process(surgical_frame)

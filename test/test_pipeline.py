@@ -279,12 +279,12 @@ def test_tracking_can_be_switched_off(method, specimen, recording):
 class _DriftingMethod(RegistrationMethod):
     """A refinement that drifts 5 mm sideways (optical frame) from wherever it starts, as
     the network sometimes does from a good start when occluders fill its crop; its
-    segmentation is the real method's."""
+    segmentation is the real method's. ``shift_mm`` 0: the pose stays where it started."""
 
     name = "drifting"
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, shift_mm: float = 5.0):
+        self.inner, self.shift_mm = inner, float(shift_mm)
 
     def prepare(self, specimen):
         self.inner.prepare(specimen)
@@ -293,7 +293,7 @@ class _DriftingMethod(RegistrationMethod):
     def register(self, frame, init_cam_from_spine):
         estimate = self.inner.register(frame, init_cam_from_spine)
         shift = np.eye(4)
-        shift[0, 3] = 5.0
+        shift[0, 3] = self.shift_mm
         estimate.cam_from_spine = shift @ np.asarray(init_cam_from_spine, dtype=float)
         return estimate
 
@@ -358,7 +358,8 @@ def test_a_weak_wrong_level_registration_loses_to_its_rival(method, specimen, re
     wrong = _WrongLevelMethod(method, step, int(count))
     pipe = RegistrationPipeline(wrong, specimen, config=PipelineConfig(
         tracking=False, rivals_below_score=rivals, keep_search_pose_margin=math.inf,
-        weak_extra_hypotheses=0, weak_search_pool=0, weak_climb_steps=()))
+        weak_extra_hypotheses=0, weak_search_pool=0, weak_climb_steps=(),
+        weak_tilt_directions=0))
     result = pipe.process(recording[0])
     tre = _tre(result, recording[0], specimen)
     if rivals is None:
@@ -381,18 +382,20 @@ def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, 
     through the method too, then more searches with a larger pool run, one per entry of
     ``weak_search_floor_percentiles`` (the anchors deeper in the trough for the last), then
     those whose pool climbs the fine score (``weak_climb_steps``, one per entry of
-    ``weak_climb_searches``); their hypotheses that are
+    ``weak_climb_searches``), then those on the support plane tilted by ``weak_tilt_deg``
+    towards each of ``weak_tilt_directions`` directions; their hypotheses that are
     new go through the method, the climbed ones with the method's ``icp_from_start`` on
     (restored after). A strong registration (threshold -inf) uses the first
     ``refined_top_k`` of one search only."""
     import end2reg_ros.pipeline as pipeline_module
 
-    searches = []
+    searches, tilts = [], []
     search = pipeline_module.propose_initial_poses
 
     def recorded(*args, **kwargs):
         searches.append((args[4].pool_size, args[4].trough_floor_percentile,
                          bool(args[4].climb_steps)))
+        tilts.append((args[4].normal_tilt_deg, args[4].normal_tilt_direction_deg))
         return search(*args, **kwargs)
 
     monkeypatch.setattr(pipeline_module, "propose_initial_poses", recorded)
@@ -405,12 +408,14 @@ def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, 
 
     monkeypatch.setattr(method, "register", noted)
 
-    def hypotheses(limit, extra, pool, climb=()):
+    def hypotheses(limit, extra, pool, climb=(), tilt_directions=0):
         searches.clear()
+        tilts.clear()
         from_start.clear()
         pipe = RegistrationPipeline(method, specimen, config=PipelineConfig(
             tracking=False, rivals_below_score=limit, weak_extra_hypotheses=extra,
-            weak_search_pool=pool, weak_climb_steps=climb))
+            weak_search_pool=pool, weak_climb_steps=climb,
+            weak_tilt_directions=tilt_directions))
         result = pipe.process(recording[0])
         assert _tre(result, recording[0], specimen) < 2.0
         return result.features["hypotheses"]
@@ -436,6 +441,13 @@ def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, 
     assert from_start[:reserve] == [False] * reserve  # then the rivals' runs: off again
     assert from_start[reserve:climbed] == [True] * (climbed - reserve)
     assert not any(from_start[climbed:]) and method.icp_from_start is False
+    tilted = hypotheses(math.inf, 3, 0, (), 6)
+    tilt = PipelineConfig().weak_tilt_deg
+    assert tilt > 0.0
+    assert reserve <= tilted <= reserve + 6 * config.refined_top_k
+    assert searches == [first] * 7  # the default search's pool size and depth, tilted
+    assert tilts == [(0.0, 0.0)] + [(tilt, 60.0 * k) for k in range(6)]
+    assert not any(from_start)
 
 
 def test_a_global_registration_just_after_a_loss_does_no_extra_work(method, specimen,
