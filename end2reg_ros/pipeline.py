@@ -744,14 +744,17 @@ class RegistrationPipeline:
             else len(hyps)
         refined = [self._refine_hypothesis(frame, hyp.cam_from_spine, stages)
                    for hyp in hyps[:first]]
-        weak_first_pass = thorough and self._weak(max(r[0] for r in refined))
+
+        def still_weak() -> bool:  # the best registration so far is weak (thorough only)
+            return thorough and self._weak(max(r[0] for r in refined))
+
+        weak_first_pass = still_weak()
         if len(hyps) > first and weak_first_pass:
             # a weak best: the search's next-ranked hypotheses go through the method too
             refined += [self._refine_hypothesis(frame, hyp.cam_from_spine, stages)
                         for hyp in hyps[first:]]
         for percentile in cfg.weak_search_floor_percentiles:
-            if not (cfg.weak_search_pool > 0 and thorough
-                    and self._weak(max(r[0] for r in refined))):
+            if not (cfg.weak_search_pool > 0 and still_weak()):
                 break
             # still weak: another search with a larger pool, its anchors at this depth of
             # the trough
@@ -759,8 +762,7 @@ class RegistrationPipeline:
                                              trough_floor_percentile=percentile),
                               bone, pools, refined, stages)
         for pool, percentile in cfg.weak_climb_searches:
-            if not (cfg.weak_climb_steps and thorough
-                    and self._weak(max(r[0] for r in refined))):
+            if not (cfg.weak_climb_steps and still_weak()):
                 break
             self._search_more(frame, replace(cfg.global_search,
                                              climb_steps=tuple(cfg.weak_climb_steps),
@@ -770,7 +772,7 @@ class RegistrationPipeline:
                               icp_from_start=cfg.weak_climb_icp_from_start)
         voters = list(refined)  # the support counts these hypotheses only
         for k in range(max(0, cfg.weak_tilt_directions)):
-            if not (cfg.weak_tilt_deg and thorough and self._weak(max(r[0] for r in refined))):
+            if not (cfg.weak_tilt_deg and still_weak()):
                 break
             tried = len(refined)
             self._search_more(frame, replace(
@@ -798,11 +800,11 @@ class RegistrationPipeline:
                 rivals = self._rivals(frame, best, best_score, stages, challenge=False)
         best, check, best_score = self._polish(frame, best, check, best_score, stages)
         levels = [rivals[k][0] for k in ("cranial", "caudal") if k in rivals]
-        same = [self._target_distance(best.cam_from_spine, e.cam_from_spine)
-                <= self.config.same_pose_mm for _, e, _, _ in refined]
-        others = [s for (s, _, _, _), agree in zip(refined, same) if not agree] + previous
-        support = sum(self._target_distance(best.cam_from_spine, e.cam_from_spine)
-                      <= self.config.same_pose_mm for _, e, _, _ in voters) / len(voters)
+        # each refined hypothesis (voters are a subset of them): does it agree with best?
+        same = {id(r): self._target_distance(best.cam_from_spine, r[1].cam_from_spine)
+                <= cfg.same_pose_mm for r in refined}
+        others = [r[0] for r in refined if not same[id(r)]] + previous
+        support = sum(same[id(r)] for r in voters) / len(voters)
         margin = best_score - (max(others) if others else -1.0)
         features = self._features(check, best, margin, support, 0.0)
         features["level_margin"] = float(best_score - max(levels)) if levels else 1.0
