@@ -323,12 +323,15 @@ def test_a_drifting_refinement_does_not_replace_the_search_pose(method, specimen
 class _WrongLevelMethod(RegistrationMethod):
     """The real method, but its first ``wrong_calls`` results (the global search's
     hypotheses) land one vertebra caudally of where it put them: the look-alike-level
-    failure of wide views."""
+    failure of wide views. Calls after ``steady_calls`` (when given) land ``drift_mm``
+    sideways (optical x) of the real method's result: a pose the method does not come back
+    to."""
 
     name = "wrong level"
 
-    def __init__(self, inner, level_step, wrong_calls):
+    def __init__(self, inner, level_step, wrong_calls, steady_calls=None, drift_mm=0.0):
         self.inner, self.level_step, self.wrong_calls, self.calls = inner, level_step, wrong_calls, 0
+        self.steady_calls, self.drift_mm = steady_calls, float(drift_mm)
 
     def prepare(self, specimen):
         self.inner.prepare(specimen)
@@ -341,7 +344,28 @@ class _WrongLevelMethod(RegistrationMethod):
             shift = np.eye(4)
             shift[:3, 3] = self.level_step
             estimate.cam_from_spine = np.asarray(estimate.cam_from_spine, float) @ shift
+        elif self.steady_calls is not None and self.calls > self.steady_calls:
+            shift = np.eye(4)
+            shift[0, 3] = self.drift_mm
+            estimate.cam_from_spine = shift @ np.asarray(estimate.cam_from_spine, float)
         return estimate
+
+
+def _wrong_level_pipeline(method, specimen, recording, rivals, **method_options):
+    """A pipeline whose method puts every search hypothesis one level off (see
+    :class:`_WrongLevelMethod`), no searches for weak registrations but its rivals:
+    ``(pipeline, method, number of search hypotheses)``."""
+    from end2reg_ros.pipeline import _level_step
+
+    step = _level_step(specimen)
+    count = int(RegistrationPipeline(method, specimen, config=PipelineConfig(
+        tracking=False, rivals_below_score=None)).process(recording[0]).features["hypotheses"])
+    wrong = _WrongLevelMethod(method, step, count, **method_options)
+    config = PipelineConfig(
+        tracking=False, rivals_below_score=rivals, keep_search_pose_margin=math.inf,
+        weak_extra_hypotheses=0, weak_search_pool=0, weak_climb_steps=(),
+        weak_tilt_directions=0, confirm_min_returns=0)
+    return RegistrationPipeline(wrong, specimen, config=config), wrong, count
 
 
 @pytest.mark.parametrize("rivals", [math.inf, None])
@@ -350,16 +374,7 @@ def test_a_weak_wrong_level_registration_loses_to_its_rival(method, specimen, re
     threshold inf makes every registration weak), the method's run from one level cranially
     wins and the result is right, with a positive level margin; without the rivals the
     wrong level comes out."""
-    from end2reg_ros.pipeline import _level_step
-
-    step = _level_step(specimen)
-    count = RegistrationPipeline(method, specimen, config=PipelineConfig(
-        tracking=False, rivals_below_score=None)).process(recording[0]).features["hypotheses"]
-    wrong = _WrongLevelMethod(method, step, int(count))
-    pipe = RegistrationPipeline(wrong, specimen, config=PipelineConfig(
-        tracking=False, rivals_below_score=rivals, keep_search_pose_margin=math.inf,
-        weak_extra_hypotheses=0, weak_search_pool=0, weak_climb_steps=(),
-        weak_tilt_directions=0))
+    pipe, wrong, count = _wrong_level_pipeline(method, specimen, recording, rivals)
     result = pipe.process(recording[0])
     tre = _tre(result, recording[0], specimen)
     if rivals is None:
@@ -375,6 +390,30 @@ def test_a_weak_wrong_level_registration_loses_to_its_rival(method, specimen, re
         assert result.features["weak_first_pass"] == 1.0 and result.features["support"] == 0.0
         assert not result.valid and "reproduced" in result.reason
         assert pipe.anchor_pose is None and pipe.last_pose is None
+
+
+@pytest.mark.parametrize("drift_mm", [0.0, 12.0])
+def test_an_unreproduced_registration_is_checked_from_starts_around_it(
+        method, specimen, recording, drift_mm):
+    """The rival that replaced a weak wrong-level result (support 0, see above) is checked
+    by six more runs of the method from starts 6 mm / 6 deg around it. When they come back
+    to it, it counts as reproduced and the gate judges it like any other registration; when
+    the method lands 12 mm away from each of them, it stays refused."""
+    pipe, wrong, count = _wrong_level_pipeline(method, specimen, recording, math.inf,
+                                               steady_calls=None, drift_mm=drift_mm)
+    wrong.steady_calls = count + 3  # the search's hypotheses, then cranial, caudal, reversed
+    pipe.config = dataclasses.replace(pipe.config, confirm_min_returns=4)
+    result = pipe.process(recording[0])
+    assert _tre(result, recording[0], specimen) < 2.0
+    assert result.features["support"] == 0.0
+    assert wrong.calls == count + 3 + 6
+    if drift_mm:
+        assert result.features["reproduced"] == 0.0
+        assert not result.valid and "reproduced" in result.reason
+        assert pipe.anchor_pose is None
+    else:
+        assert result.features["reproduced"] == 1.0
+        assert "reproduced" not in result.reason  # judged like any other registration
 
 
 def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, monkeypatch):
