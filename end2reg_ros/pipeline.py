@@ -401,8 +401,9 @@ class PipelineConfig:
     #: ``confirm_min_returns`` results back within ``same_pose_mm`` of it the pose counts as
     #: reproduced (``features["reproduced"]``) and the gate judges it by its confidence like
     #: any other; otherwise it is refused (0: never checked, always refused). On the 22 such
-    #: validation frames (wide 541-544): the 11 wrong ones (81-181 mm off) came back 0 of 6
-    #: times but one (4 of 6, confidence 0.005); 12 of 13 right ones 4-6 of 6 times.
+    #: validation frames (wide 541-544): 7 of the 8 wrong ones (81-181 mm off) came back 0
+    #: of 6 times, one 4 of 6 (confidence 0.005); 11 of the 13 right ones (below 2 mm) 4-6
+    #: times, the other two 2 and 3 times; a near miss (2.01 mm) 6 times.
     confirm_shift_mm: float = 6.0
     confirm_min_returns: int = 4
     global_search: GlobalSearchConfig = GlobalSearchConfig()
