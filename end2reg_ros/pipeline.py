@@ -649,9 +649,10 @@ class RegistrationPipeline:
             int(estimate.num_points), frame.stamp_ns, now, level_margin,
         )
         if valid and self._unreproduced(features, mode):
+            checked = ", nor its runs from starts around it" if "reproduced" in features else ""
             valid, reason = False, ("weak registration that no run of the method from the "
-                                    "search's hypotheses reproduced (support 0), nor its "
-                                    "runs from starts around it: refused")
+                                    f"search's hypotheses reproduced (support 0){checked}: "
+                                    "refused")
         return confidence, level_margin, valid, reason
 
     def _unreproduced(self, features: dict[str, float], mode: str) -> bool:
@@ -840,6 +841,12 @@ class RegistrationPipeline:
                 self._returns(frame, best.cam_from_spine, stages) >= cfg.confirm_min_returns)
         return best, features
 
+    def _turn_about_centre(self, angle_rad: float) -> np.ndarray:
+        """Spine-frame move: a turn by ``angle_rad`` about the spine's posterior (z) axis
+        through the model's centre."""
+        turn = axis_angle_to_matrix(np.array([0.0, 0.0, 1.0]), angle_rad)
+        return make_pose(turn, self._centre - turn @ self._centre)
+
     def _returns(self, frame: Frame, pose: np.ndarray, stages: dict[str, float]) -> int:
         """How many of six method runs from starts around ``pose`` (``confirm_shift_mm``
         along the spine's x and y axes and degrees about its z axis through the model's
@@ -849,8 +856,7 @@ class RegistrationPipeline:
         for sign in (1.0, -1.0):
             moves.append(make_pose(np.eye(3), np.array([sign * step, 0.0, 0.0])))
             moves.append(make_pose(np.eye(3), np.array([0.0, sign * step, 0.0])))
-            turn = axis_angle_to_matrix(np.array([0.0, 0.0, 1.0]), math.radians(sign * step))
-            moves.append(make_pose(turn, self._centre - turn @ self._centre))
+            moves.append(self._turn_about_centre(math.radians(sign * step)))
         back = 0
         for move in moves:
             estimate = self._run_method(frame, pose @ move, stages)
@@ -922,8 +928,7 @@ class RegistrationPipeline:
                   "caudal": make_pose(np.eye(3), self._level_step)}
         weak = challenge and self._weak(best_score)
         if weak:
-            turn = axis_angle_to_matrix(np.array([0.0, 0.0, 1.0]), math.pi)
-            starts["reversed"] = make_pose(turn, self._centre - turn @ self._centre)
+            starts["reversed"] = self._turn_about_centre(math.pi)
         for kind, rival in starts.items():
             start = best.cam_from_spine @ rival
             t1 = time.perf_counter()

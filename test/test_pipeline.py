@@ -323,15 +323,16 @@ def test_a_drifting_refinement_does_not_replace_the_search_pose(method, specimen
 class _WrongLevelMethod(RegistrationMethod):
     """The real method, but its first ``wrong_calls`` results (the global search's
     hypotheses) land one vertebra caudally of where it put them: the look-alike-level
-    failure of wide views. Calls after ``steady_calls`` (when given) land ``drift_mm``
-    sideways (optical x) of the real method's result: a pose the method does not come back
-    to."""
+    failure of wide views. With ``steady_calls``, the next that many results are the real
+    method's, and every later one lands ``drift_mm`` sideways (optical x) of it: a pose the
+    method does not come back to."""
 
     name = "wrong level"
 
     def __init__(self, inner, level_step, wrong_calls, steady_calls=None, drift_mm=0.0):
         self.inner, self.level_step, self.wrong_calls, self.calls = inner, level_step, wrong_calls, 0
-        self.steady_calls, self.drift_mm = steady_calls, float(drift_mm)
+        self.steady_calls = None if steady_calls is None else wrong_calls + steady_calls
+        self.drift_mm = float(drift_mm)
 
     def prepare(self, specimen):
         self.inner.prepare(specimen)
@@ -399,9 +400,9 @@ def test_an_unreproduced_registration_is_checked_from_starts_around_it(
     by six more runs of the method from starts 6 mm / 6 deg around it. When they come back
     to it, it counts as reproduced and the gate judges it like any other registration; when
     the method lands 12 mm away from each of them, it stays refused."""
+    # steady for the search's hypotheses, then cranial, caudal and reversed
     pipe, wrong, count = _wrong_level_pipeline(method, specimen, recording, math.inf,
-                                               steady_calls=None, drift_mm=drift_mm)
-    wrong.steady_calls = count + 3  # the search's hypotheses, then cranial, caudal, reversed
+                                               steady_calls=3, drift_mm=drift_mm)
     pipe.config = dataclasses.replace(pipe.config, confirm_min_returns=4)
     result = pipe.process(recording[0])
     assert _tre(result, recording[0], specimen) < 2.0
