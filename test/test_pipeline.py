@@ -417,6 +417,54 @@ def test_an_unreproduced_registration_is_checked_from_starts_around_it(
         assert "reproduced" not in result.reason  # judged like any other registration
 
 
+class _FixedConfidence:
+    """A calibration stand-in: the same probability for every registration."""
+
+    def __init__(self, probability):
+        self.value = float(probability)
+
+    def probability(self, features, mode):
+        return self.value
+
+
+@pytest.mark.parametrize("base, drift_mm, checked, published", [
+    (0.9, 0.0, True, True),  # stable: 0.9 -> 0.973, published
+    (0.9, 12.0, True, False),  # the runs land 12 mm away: unstable, 0.9 -> 0.80
+    (0.5, 0.0, False, False),  # even a stable outcome could not lift 0.5 to the gate
+    (0.99, 0.0, False, True),  # the gate publishes it without the check
+])
+def test_the_stability_check_updates_a_confidence_just_below_the_gate(
+        method, specimen, recording, base, drift_mm, checked, published):
+    """A global registration the gate would refuse for its confidence alone is checked by
+    six runs of the method from starts around it, when a stable outcome could bring its
+    confidence up to the gate: its confidence is updated by Bayes' rule with the likelihood
+    ratio of the outcome. Registrations far below the gate or above it are not checked."""
+    config = PipelineConfig(tracking=False, rivals_below_score=None,
+                            keep_search_pose_margin=math.inf)
+    count = int(RegistrationPipeline(method, specimen, config=config).process(
+        recording[0]).features["hypotheses"])
+    # right for the search's hypotheses, then drift_mm off for every further run
+    runs = _WrongLevelMethod(method, np.zeros(3), 0, steady_calls=count, drift_mm=drift_mm)
+    pipe = RegistrationPipeline(runs, specimen, config=config,
+                                calibration=_FixedConfidence(base))
+    result = pipe.process(recording[0])
+    assert _tre(result, recording[0], specimen) < 2.0  # the check never moves the pose
+    assert runs.calls == count + (6 if checked else 0)
+    assert ("stable" in result.features) == checked
+    assert result.valid == published
+    stable_ratio, unstable_ratio = config.stability_likelihood_ratios
+    if checked:
+        assert result.features["stable"] == (0.0 if drift_mm else 1.0)
+        assert result.features["returned"] == (0.0 if drift_mm else 6.0)
+        ratio = unstable_ratio if drift_mm else stable_ratio
+        odds = base / (1.0 - base) * ratio
+        assert result.confidence == pytest.approx(odds / (1.0 + odds))
+    else:
+        assert result.confidence == pytest.approx(base)
+    if checked and not published:
+        assert "confidence" in result.reason
+
+
 def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, monkeypatch):
     """Below ``rivals_below_score`` (inf: always) the search's next-ranked hypotheses go
     through the method too, then more searches with a larger pool run, one per entry of
