@@ -34,10 +34,9 @@ against the observed share of frames below 2 mm. A fitted weight whose sign cont
 what its feature means (:data:`EXPECTED_SIGNS`) is printed as a warning and stored
 (``extra.sign_violations``).
 
-The fit and the gate tables are of the calibrated confidence before the pipeline's stability
-check (``PipelineConfig.stability_likelihood_ratios``), which raises or lowers the confidence
-of registrations just below the gate by Bayes' rule; a refit leaves its likelihood ratios as
-they are: measure them again on the same validation sets (see the README).
+The fit and the gate tables are of the calibrated confidence before the pipeline's optional
+stability check (``PipelineConfig.stability_likelihood_ratios``, off by default), which raises
+or lowers the confidence of registrations just below the gate by Bayes' rule.
 """
 
 from __future__ import annotations

@@ -427,20 +427,24 @@ class _FixedConfidence:
         return self.value
 
 
-@pytest.mark.parametrize("base, drift_mm, checked, published", [
-    (0.9, 0.0, True, True),  # stable: 0.9 -> 0.973, published
-    (0.9, 12.0, True, False),  # the runs land 12 mm away: unstable, 0.9 -> 0.80
-    (0.5, 0.0, False, False),  # even a stable outcome could not lift 0.5 to the gate
-    (0.99, 0.0, False, True),  # the gate publishes it without the check
+@pytest.mark.parametrize("ratios, base, drift_mm, checked, published", [
+    ((3.95, 0.45), 0.9, 0.0, True, True),  # stable: 0.9 -> 0.973, published
+    ((3.95, 0.45), 0.9, 12.0, True, False),  # the runs land 12 mm away: 0.9 -> 0.80
+    ((3.95, 0.45), 0.5, 0.0, False, False),  # a stable outcome could not lift 0.5 to 0.97
+    ((3.95, 0.45), 0.99, 0.0, False, True),  # the gate publishes it without the check
+    (None, 0.9, 0.0, False, False),  # the default: no check, refused at 0.9
 ])
 def test_the_stability_check_updates_a_confidence_just_below_the_gate(
-        method, specimen, recording, base, drift_mm, checked, published):
-    """A global registration the gate would refuse for its confidence alone is checked by
-    six runs of the method from starts around it, when a stable outcome could bring its
-    confidence up to the gate: its confidence is updated by Bayes' rule with the likelihood
-    ratio of the outcome. Registrations far below the gate or above it are not checked."""
+        method, specimen, recording, ratios, base, drift_mm, checked, published):
+    """When switched on (``stability_likelihood_ratios``; off by default), a global
+    registration the gate would refuse for its confidence alone is checked by six runs of
+    the method from starts around it, when a stable outcome could bring its confidence up
+    to the gate: its confidence is updated by Bayes' rule with the likelihood ratio of the
+    outcome. Registrations far below the gate or above it are not checked."""
     config = PipelineConfig(tracking=False, rivals_below_score=None,
-                            keep_search_pose_margin=math.inf)
+                            keep_search_pose_margin=math.inf,
+                            stability_likelihood_ratios=ratios)
+    assert PipelineConfig().stability_likelihood_ratios is None  # off by default
     count = int(RegistrationPipeline(method, specimen, config=config).process(
         recording[0]).features["hypotheses"])
     # right for the search's hypotheses, then drift_mm off for every further run
@@ -452,8 +456,8 @@ def test_the_stability_check_updates_a_confidence_just_below_the_gate(
     assert runs.calls == count + (6 if checked else 0)
     assert ("stable" in result.features) == checked
     assert result.valid == published
-    stable_ratio, unstable_ratio = config.stability_likelihood_ratios
     if checked:
+        stable_ratio, unstable_ratio = ratios
         assert result.features["stable"] == (0.0 if drift_mm else 1.0)
         assert result.features["returned"] == (0.0 if drift_mm else 6.0)
         ratio = unstable_ratio if drift_mm else stable_ratio
