@@ -857,15 +857,17 @@ class RegistrationPipeline:
         features["level_margin"] = float(best_score - max(levels)) if levels else 1.0
         features["hypotheses"] = len(refined)
         features["weak_first_pass"] = float(weak_first_pass)
-        returns = None
-        if thorough and self._unreproduced(features, "global") and cfg.confirm_min_returns > 0:
-            returns = self._returns(frame, best.cam_from_spine, stages)
+        # both checks use the same six runs; only the stability check needs their scores
+        confirm = (thorough and self._unreproduced(features, "global")
+                   and cfg.confirm_min_returns > 0)
+        stability = thorough and self._wants_stability_check(features)
+        if confirm or stability:
+            returns = self._returns(frame, best.cam_from_spine, stages, scored=stability)
             back = sum(distance <= cfg.same_pose_mm for distance, _ in returns)
+        if confirm:
             features["reproduced"] = float(back >= cfg.confirm_min_returns)
-        if thorough and self._wants_stability_check(features):
-            if returns is None:
-                returns = self._returns(frame, best.cam_from_spine, stages)
-            features["returned"] = float(sum(d <= cfg.same_pose_mm for d, _ in returns))
+        if stability:
+            features["returned"] = float(back)
             mean_score = float(np.mean([score for _, score in returns]))
             features["return_score_ratio"] = mean_score / best_score if best_score > 0 else 0.0
             features["stable"] = float(
@@ -901,12 +903,12 @@ class RegistrationPipeline:
         turn = axis_angle_to_matrix(np.array([0.0, 0.0, 1.0]), angle_rad)
         return make_pose(turn, self._centre - turn @ self._centre)
 
-    def _returns(self, frame: Frame, pose: np.ndarray,
-                 stages: dict[str, float]) -> list[tuple[float, float]]:
+    def _returns(self, frame: Frame, pose: np.ndarray, stages: dict[str, float],
+                 scored: bool = False) -> list[tuple[float, float | None]]:
         """Six method runs from starts around ``pose`` (``confirm_shift_mm`` along the
         spine's x and y axes and degrees about its z axis through the model's centre, both
-        ways): for each, its distance from ``pose`` at the target points (mm) and its
-        verification score."""
+        ways): for each, its distance from ``pose`` at the target points (mm) and, when
+        ``scored``, its verification score (else None: no depth check)."""
         step = self.config.confirm_shift_mm
         moves = []
         for sign in (1.0, -1.0):
@@ -916,8 +918,9 @@ class RegistrationPipeline:
         out = []
         for move in moves:
             result = self._run_method(frame, pose @ move, stages)
-            check = self._timed_verify(frame, result.cam_from_spine, stages)
-            out.append((self._target_distance(result.cam_from_spine, pose), self._score(check)))
+            score = (self._score(self._timed_verify(frame, result.cam_from_spine, stages))
+                     if scored else None)
+            out.append((self._target_distance(result.cam_from_spine, pose), score))
         return out
 
     def _polish(self, frame: Frame, estimate: RegistrationEstimate, check: DepthAgreement,
