@@ -412,6 +412,10 @@ class PipelineConfig:
     #: probed first; figures of all 600 in the README), median TRE 0.71 -> 0.61 mm, 90th
     #: percentile 1.13 -> 0.91 mm. Kept only when it verified better (the verification
     #: agrees within 2.5 mm, coarser than the change), it lost most of the gain (0.69 mm).
+    #: The selection's evidence (``support``, ``margin``, ``level_margin``) stays that of
+    #: the pose before it: measured after it, a 0.3 mm move put a hypothesis 5 mm from the
+    #: pose on the other side of ``same_pose_mm`` (support 1.0 -> 0.67, margin 1.31 ->
+    #: 0.19 on a test recording), and tracking's confidence carries those two.
     final_icp_distances_mm: tuple[float, ...] = (3.0, 1.5)
     final_icp_stride: int = 1
     final_icp_max_points: int = 6000
@@ -860,7 +864,6 @@ class RegistrationPipeline:
                 best_score, best, check = top
                 rivals = self._rivals(frame, best, best_score, stages, challenge=False)
         best, check, best_score = self._polish(frame, best, check, best_score, stages)
-        best, check, best_score = self._final_icp(frame, best, check, best_score, stages)
         levels = [rivals[k][0] for k in ("cranial", "caudal") if k in rivals]
         # each refined hypothesis (voters are a subset of them): does it agree with best?
         same = {id(r): self._target_distance(best.cam_from_spine, r[1].cam_from_spine)
@@ -868,8 +871,12 @@ class RegistrationPipeline:
         others = [r[0] for r in refined if not same[id(r)]] + previous
         support = sum(same[id(r)] for r in voters) / len(voters)
         margin = best_score - (max(others) if others else -1.0)
+        level_margin = float(best_score - max(levels)) if levels else 1.0
+        # the selection's evidence (support, margins) is of the pose it chose; the depth
+        # check's features are of the pose published, after the dense final ICP
+        best, check, best_score = self._final_icp(frame, best, check, best_score, stages)
         features = self._features(check, best, margin, support, 0.0)
-        features["level_margin"] = float(best_score - max(levels)) if levels else 1.0
+        features["level_margin"] = level_margin
         features["hypotheses"] = len(refined)
         features["weak_first_pass"] = float(weak_first_pass)
         # both checks use the same six runs; only the stability check needs their scores

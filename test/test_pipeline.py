@@ -149,11 +149,15 @@ def test_hidden_spine_is_reacquired_from_the_last_verified_pose(pipeline, record
 def test_a_tracked_jump_is_held_back_and_checked_against_the_whole_model(
         method, specimen, recording, guarded):
     """The prediction is 5 mm off (the camera jerked): tracking's ICP on the learned region
-    settles about 4 mm off along the surface and still verifies. With the defaults the jump
-    is held back, the whole model's ICP pulls the pose in, and the next frame publishes;
-    without the hold and the check that pose is published."""
-    config = PipelineConfig() if guarded else PipelineConfig(hold_motion_mm=math.inf,
-                                                            track_check_every=0)
+    settles about 4 mm off along the surface and still verifies. With the hold and the check
+    the jump is held back, the whole model's ICP pulls the pose in, and the next frame
+    publishes; without them that pose is published. (The global registration of frame 0
+    here is without the dense final ICP: from the final ICP's pose the same jerk leaves
+    tracking's pose 4.1 mm off where the verification refuses it, confidence 0.05; see the
+    next test.)"""
+    config = PipelineConfig(final_icp_distances_mm=())
+    if not guarded:
+        config = dataclasses.replace(config, hold_motion_mm=math.inf, track_check_every=0)
     pipe = RegistrationPipeline(method, specimen, config=config)
     assert pipe.process(recording[0]).valid
     jerk = np.eye(4)
@@ -169,6 +173,21 @@ def test_a_tracked_jump_is_held_back_and_checked_against_the_whole_model(
         assert _tre(following, recording[2], specimen) < 1.5
     else:
         assert jumped.valid and _tre(jumped, recording[1], specimen) > 2.0
+
+
+def test_a_tracked_jump_is_not_published_on_the_defaults(method, specimen, recording):
+    """The same jerk on the defaults: the frame that jumped is not published (refused or held
+    back) and the next one publishes within 1.5 mm."""
+    pipe = RegistrationPipeline(method, specimen)
+    assert pipe.process(recording[0]).valid
+    jerk = np.eye(4)
+    jerk[:3, 3] = [4.0, -3.0, 0.0]
+    pipe.last_pose = jerk @ pipe.last_pose
+    jumped = pipe.process(recording[1])
+    assert jumped.mode == "tracking" and not jumped.valid, jumped.reason
+    following = pipe.process(recording[2])
+    assert following.mode == "tracking" and following.valid, following.reason
+    assert _tre(following, recording[2], specimen) < 1.5
 
 
 def _lost_with_the_anchor_moved(pipe, recording, offset_mm):
@@ -709,4 +728,60 @@ def test_polish_brings_a_registration_off_along_the_surface_back(pipeline, recor
     unpolished = RegistrationPipeline(pipeline.method, specimen,
                                       config=PipelineConfig(polish_icp_distances_mm=()))
     same, _, same_score = unpolished._polish(frame, estimate(), check, score, {})
+    assert np.array_equal(same.cam_from_spine, off) and same_score == score
+
+
+def test_final_icp_uses_every_pixel_and_always_replaces_the_pose(pipeline, recording, specimen,
+                                                                 monkeypatch):
+    """The dense final ICP (``final_icp_*``): a pose 2.4 mm / 1 deg off the truth comes back
+    within 1 mm; its ICP sees every pixel near the model (stride 1, up to 6000 points) while
+    tracking's sees every second pixel and at most 1500; its result replaces the pose even
+    when it verifies worse; no distances, no final ICP."""
+    from end2reg_ros.geometry import axis_angle_to_matrix, make_pose
+    from end2reg_ros.types import RegistrationEstimate
+
+    frame = recording[0]
+    nudge = make_pose(axis_angle_to_matrix(np.array([0.0, 1.0, 0.0]), math.radians(1.0)),
+                      np.array([1.5, 1.5, 0.0]))
+    off = frame.cam_from_spine @ nudge
+    tre = lambda pose: frame_metrics(pose, frame, specimen).tre_median_mm  # noqa: E731
+    assert tre(off) > 2.0
+
+    def estimate():
+        return RegistrationEstimate(cam_from_spine=off.copy(), confidence=0.5, residual_mm=1.0,
+                                    num_points=100)
+
+    check = pipeline._verify(frame, off)
+    score = pipeline._score(check)
+    calls, icp = [], pipeline._icp_from
+
+    def spy(*args, **kwargs):
+        out = icp(*args, **kwargs)
+        calls.append((kwargs, len(out[1])))
+        return out
+
+    monkeypatch.setattr(pipeline, "_icp_from", spy)
+    final, final_check, final_score = pipeline._final_icp(frame, estimate(), check, score, {})
+    monkeypatch.undo()
+    assert calls[0][0] == {"stride": 1, "max_points": 6000}
+    assert calls[0][1] > pipeline.config.track_max_points
+    assert tre(final.cam_from_spine) < 1.0
+    assert final_check is not check and final_score == pipeline._score(final_check)
+    dense = pipeline._icp_from(frame, off, None, (3.0, 1.5), stride=1, max_points=6000)
+    sparse = pipeline._icp_from(frame, off, None, (3.0, 1.5))
+    assert len(sparse[1]) <= pipeline.config.track_max_points < len(dense[1])
+    # a result that verifies worse (30 mm away) still replaces the pose: the check is coarser
+    # than what the final ICP corrects
+    far = make_pose(np.eye(3), np.array([30.0, 0.0, 0.0])) @ off
+    monkeypatch.setattr(pipeline, "_icp_from", lambda *a, **k: (far, None, None))
+    moved, moved_check, moved_score = pipeline._final_icp(frame, estimate(), check, score, {})
+    assert np.array_equal(moved.cam_from_spine, far) and moved_score < score
+    # too few scene points near the model: the pose stays
+    monkeypatch.setattr(pipeline, "_icp_from", lambda *a, **k: None)
+    kept, kept_check, _ = pipeline._final_icp(frame, estimate(), check, score, {})
+    assert np.array_equal(kept.cam_from_spine, off) and kept_check is check
+    monkeypatch.undo()
+    unrefined = RegistrationPipeline(pipeline.method, specimen,
+                                     config=PipelineConfig(final_icp_distances_mm=()))
+    same, _, same_score = unrefined._final_icp(frame, estimate(), check, score, {})
     assert np.array_equal(same.cam_from_spine, off) and same_score == score
