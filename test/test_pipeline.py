@@ -201,6 +201,17 @@ def _lost_with_the_anchor_moved(pipe, recording, offset_mm):
     return pipe
 
 
+def _without_final_icp(method, specimen):
+    """A pipeline whose global registration has no dense final ICP
+    (``final_icp_distances_mm``). The re-acquisition tests below were set up on its start-up
+    pose. Re-acquisition from a stale pose depends on which part of the model the start-up
+    registration's learned region covers, which moves with the pose: from 12 stale poses 4-14
+    mm off on each of three recordings (this one and generator seeds 5 and 8), the next
+    frame was published in 28 of 36 cases with the final ICP and 27 without (this recording:
+    8 and 11), never a pose above 2 mm."""
+    return RegistrationPipeline(method, specimen, config=PipelineConfig(final_icp_distances_mm=()))
+
+
 def _next_frame_publishes(pipe, frame, specimen):
     """The frame after a held one (``frame`` again, 1/30 s later) is tracked and published
     within 1.5 mm."""
@@ -214,8 +225,10 @@ def test_a_reacquired_pose_is_checked_against_the_whole_model(method, specimen, 
     """Re-acquiring from a stale pose 5 mm off (the camera moved during a slow start-up
     registration or while the spine was hidden): tracking's ICP on the learned region
     settles more than 2 mm off and still verifies; the whole model's ICP pulls it in, that
-    frame is held back, and the next one publishes."""
-    pipe = _lost_with_the_anchor_moved(RegistrationPipeline(method, specimen), recording,
+    frame is held back, and the next one publishes. (The start-up registration here is
+    without the dense final ICP, as when the scenario was found: see
+    :func:`_without_final_icp`.)"""
+    pipe = _lost_with_the_anchor_moved(_without_final_icp(method, specimen), recording,
                                        [4.0, -3.0, 0.0])
     learned_only = pipe._icp_from(recording[2], pipe.anchor_pose, pipe.track_region)
     off = frame_metrics(learned_only[0], recording[2], specimen).tre_median_mm
@@ -230,16 +243,18 @@ def test_a_reacquired_pose_is_checked_against_the_whole_model(method, specimen, 
 def test_a_pose_reacquired_from_far_is_held_back_one_frame(method, specimen, recording):
     """The last verified pose is 12 mm off the spine's place now (the camera moved while it
     was hidden): tracking's ICP from there fails the gate, the wide second try brings it in
-    and verifies it, but it is not published; the next frame, tracked from it, is."""
+    and verifies it, but it is not published; the next frame, tracked from it, is. (Start-up
+    registration without the dense final ICP: see :func:`_without_final_icp`.)"""
     far = [12.0, -8.0, 4.0]
-    pipe = _lost_with_the_anchor_moved(RegistrationPipeline(method, specimen), recording, far)
+    pipe = _lost_with_the_anchor_moved(_without_final_icp(method, specimen), recording, far)
     back = pipe.process(recording[2])
     assert back.mode == "tracking" and not back.valid and "held back" in back.reason, back.reason
     assert _tre(back, recording[2], specimen) < 2.0
     _next_frame_publishes(pipe, recording[2], specimen)
     # without the wide try the moved pose is never re-acquired
     narrow = _lost_with_the_anchor_moved(RegistrationPipeline(
-        method, specimen, config=PipelineConfig(reacquire_icp_distances_mm=())), recording, far)
+        method, specimen, config=PipelineConfig(reacquire_icp_distances_mm=(),
+                                                final_icp_distances_mm=())), recording, far)
     assert not narrow.process(recording[2]).valid
 
 
