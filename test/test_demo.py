@@ -17,7 +17,7 @@ def test_demo_reports_tre_and_latency_of_published_transforms(ros_env, tmp_path)
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "end2reg_ros.cli", "demo", "--out", str(out), "--frames", "4",
-         "--occlusion", "0", "0", "--method", "icp-prior", "--frame-interval", "2.0",
+         "--occlusion", "0", "0", "--method", "icp-prior", "--frame-interval", "8.0",
          "--node-param", "min_confidence:=0.1", "--timeout", "300"],
         cwd=REPO, env=ros_env, capture_output=True, text=True, timeout=380,
     )
@@ -30,7 +30,9 @@ def test_demo_reports_tre_and_latency_of_published_transforms(ros_env, tmp_path)
     assert sum(m["results"] for m in summary["results_per_mode"].values()) == summary["processed"]
     assert summary["frames"] == 4
     # the node runs on its defaults (no QoS override) and the replay waits for its three
-    # subscriptions, so every frame arrives (icp-prior takes ~1 s, frames come every 2 s)
+    # subscriptions, so every frame arrives (icp-prior with the global search and the final
+    # ICP took up to several seconds for the first frame on this 2-core CPU under the test
+    # suite's load, and 2 s or 4 s between frames lost one or two of them as stale; 8 s)
     assert "reliability" not in proc.stdout
     assert summary["processed"] >= 3
     assert summary["tf_published"] >= 2
