@@ -807,7 +807,8 @@ def test_final_icp_uses_every_pixel_and_moves_the_published_pose(pipeline, recor
     assert 0.0 < result.features["final_move_mm"] <= pipeline.config.final_icp_max_move_mm
     plain = unrefined.process(frame)
     assert {k: v for k, v in result.features.items() if k != "final_move_mm"} == \
-        {k: v for k, v in plain.features.items() if k != "final_move_mm"}
+        pytest.approx({k: v for k, v in plain.features.items() if k != "final_move_mm"},
+                      rel=1e-9, abs=1e-12)  # the last bits vary with torch's threads
     assert pipeline._target_distance(result.estimate.cam_from_spine,
                                      plain.estimate.cam_from_spine) == \
         pytest.approx(result.features["final_move_mm"])
