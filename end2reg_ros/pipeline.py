@@ -587,12 +587,18 @@ class RegistrationPipeline:
         try:
             if mode == "tracking":
                 estimate, features = self._track(frame, stages, reacquiring)
-                if estimate is None and reacquiring:  # nothing where the spine was
+                if estimate is None and (reacquiring or self._recently_verified(frame)):
+                    # nothing where the spine was (a hand, a drape): refused, and the next
+                    # frames re-acquire from the last verified pose for ``reacquire_s``
+                    # before the global search takes over. A global search now (1-3 s on
+                    # a 2-core CPU) would find nothing either and keep the node busy when
+                    # the spine comes back
                     self.gate.mark_processed(frame.stamp_ns)
+                    self._lose()
                     return PipelineResult(None, False, "spine not found where it was last "
                                           "verified (hidden?): re-acquiring", mode, 0.0, {},
                                           stages)
-                if estimate is None:  # the spine left the view: search globally now
+                if estimate is None:  # no verified pose to re-acquire from: search now
                     mode = "global"
             if mode == "global":
                 estimate, features = self._global(frame, stages,
@@ -627,6 +633,13 @@ class RegistrationPipeline:
                     shift = self._whole_model_check(frame, estimate)
                     stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
             self._remember(frame, estimate, mode, features)
+            if mode == "global" and now is not None and now > frame.stamp_ns:
+                # re-acquisition from a published global registration counts
+                # ``reacquire_s`` from when it was ready, like from one refused as too old
+                # (below): counted from its frame's stamp, a registration slower than
+                # ``reacquire_s`` (a ``max_age_s`` above it let it through) sent every next
+                # frame of a live stream to the global search again, never to tracking
+                self.anchor_stamp_ns = now
             if shift is not None:
                 # the whole model pulled the tracked pose away: tracking goes on from the
                 # whole-model pose, published once a frame tracked from it agrees

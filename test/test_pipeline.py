@@ -19,6 +19,7 @@ from end2reg_ros.pipeline import (
     RegistrationPipeline,
 )
 from end2reg_ros.registration import make_method
+from end2reg_ros.safety import SafetyLimits
 from end2reg_ros.synth.anatomy import generate_specimen
 from end2reg_ros.synth.generate import ViewSampler, render_frames
 from end2reg_ros.types import RegistrationMethod
@@ -114,15 +115,19 @@ def _beyond_reacquire_ns(pipeline) -> int:
 def test_lost_spine_is_refused_and_goes_back_to_global(pipeline, recording, specimen):
     assert pipeline.process(recording[0]).valid
     assert pipeline.mode == "tracking"
-    # no depth at all (lens covered): tracking finds nothing, the global search cannot run
+    # no depth at all (lens covered): tracking finds nothing; refused at once, without a
+    # global search (the next frames first re-acquire from the last verified pose)
     result = pipeline.process(_blank(recording[1], recording[1].stamp_ns))
     assert not result.valid and result.estimate is None
-    assert result.mode == "global"
-    assert "depth" in result.reason
+    assert "re-acquiring" in result.reason and "search" not in result.stage_ms
     assert pipeline.mode == "global" and pipeline.last_pose is None
+    # beyond the re-acquisition window the global search runs, and cannot on no depth
+    blank = _blank(recording[1], recording[1].stamp_ns + _beyond_reacquire_ns(pipeline))
+    result = pipeline.process(blank)
+    assert not result.valid and result.mode == "global" and "depth" in result.reason
     # the spine comes back later than any re-acquisition: registered globally again
     back = dataclasses.replace(recording[2],
-                               stamp_ns=recording[1].stamp_ns + _beyond_reacquire_ns(pipeline))
+                               stamp_ns=blank.stamp_ns + _beyond_reacquire_ns(pipeline))
     again = pipeline.process(back)
     assert again.mode == "global" and again.valid, again.reason
     assert "search" in again.stage_ms
@@ -134,7 +139,8 @@ def test_hidden_spine_is_reacquired_from_the_last_verified_pose(pipeline, record
     """While the spine is hidden for less than ``reacquire_s``, frames are refused without a
     global search, and when it reappears it is tracked from the last verified pose."""
     assert pipeline.process(recording[0]).valid
-    assert pipeline.process(_blank(recording[1], recording[1].stamp_ns)).mode == "global"
+    first = pipeline.process(_blank(recording[1], recording[1].stamp_ns))
+    assert not first.valid and "search" not in first.stage_ms, first.reason
     hidden = pipeline.process(_blank(recording[1], recording[1].stamp_ns + 1))
     assert not hidden.valid and hidden.estimate is None
     assert "re-acquiring" in hidden.reason
@@ -260,13 +266,17 @@ def test_a_pose_reacquired_from_far_is_held_back_one_frame(method, specimen, rec
 
 def test_flat_surface_far_from_the_spine_is_refused(pipeline, recording):
     """The camera looks at a flat surface 800 mm away (the spine out of the view): tracking
-    finds no points, the global search runs and nothing may be published."""
+    finds no points and the frame is refused; after the re-acquisition window the global
+    search runs, and nothing may be published."""
     assert pipeline.process(recording[0]).valid
     far = dataclasses.replace(recording[1],
                               depth_mm=np.full_like(recording[1].depth_mm, 800))
     result = pipeline.process(far)
-    assert result.mode == "global"
-    assert not result.valid
+    assert not result.valid and "search" not in result.stage_ms
+    assert pipeline.mode == "global"
+    later = dataclasses.replace(far, stamp_ns=far.stamp_ns + _beyond_reacquire_ns(pipeline))
+    result = pipeline.process(later)
+    assert result.mode == "global" and not result.valid
     assert pipeline.mode == "global"
 
 
@@ -277,6 +287,24 @@ def test_stale_prediction_falls_back_to_global(pipeline, recording, specimen):
     result = pipeline.process(late)
     assert result.mode == "global" and result.valid, result.reason
     assert _tre(result, late, specimen) < 1.5
+
+
+def test_a_slow_published_global_registration_is_followed_by_tracking(method, specimen,
+                                                                       recording):
+    """A global registration slower than ``reacquire_s`` that the gate still published (its
+    ``max_age_s`` above that): the next frame of the stream re-acquires from its pose (the
+    window counted from when it was ready) instead of searching globally again, which would
+    never end on a machine that slow."""
+    pipeline = RegistrationPipeline(method, specimen, limits=SafetyLimits(max_age_s=60.0))
+    ready = recording[0].stamp_ns + int((pipeline.config.reacquire_s + 1.0) * 1e9)
+    first = pipeline.process(recording[0], now_ns=ready)
+    assert first.valid and first.mode == "global", first.reason
+    # the latest frame of the stream when the registration was ready (a static camera)
+    latest = dataclasses.replace(recording[1], stamp_ns=ready + 10_000_000)
+    second = pipeline.process(latest, now_ns=latest.stamp_ns + 30_000_000)
+    assert second.mode == "tracking" and "search" not in second.stage_ms, second.reason
+    assert second.valid, second.reason
+    assert _tre(second, latest, specimen) < 1.5
 
 
 def test_stamp_going_backwards_is_rejected_without_losing_the_pose(pipeline, recording):
@@ -576,12 +604,13 @@ def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, 
     assert not any(from_start)
 
 
-def test_a_global_registration_just_after_a_loss_does_no_extra_work(method, specimen,
-                                                                     recording):
-    """Every registration is weak here (threshold inf). The first one gets the extra work;
-    one just after the spine was lost (the scene moved 150 mm away: tracking finds nothing
-    and the global search runs) does not, so the node is free to re-acquire on the next
-    frames."""
+def test_a_frame_just_after_a_loss_does_no_global_work(method, specimen, recording):
+    """Every registration is weak here (threshold inf): the first one gets the extra work
+    (more hypotheses). When the spine is lost (the scene moved 150 mm away: tracking finds
+    nothing), that frame is refused without any global search (1-3 s, with the weak path's
+    extra work many more), so the node is free to re-acquire on the next frames; a global
+    registration called within the re-acquisition window (``thorough`` False) would skip
+    the extra work."""
     top_k = PipelineConfig().global_search.refined_top_k
     pipe = RegistrationPipeline(method, specimen, config=PipelineConfig(
         rivals_below_score=math.inf))
@@ -591,8 +620,10 @@ def test_a_global_registration_just_after_a_loss_does_no_extra_work(method, spec
     away = dataclasses.replace(recording[1], depth_mm=np.where(
         depth > 0, depth.astype(float) + 150.0, 0.0).astype(depth.dtype))
     lost = pipe.process(away)
-    assert lost.mode == "global" and lost.features["hypotheses"] == top_k
-    assert lost.features["weak_first_pass"] == 0.0
+    assert not lost.valid and "re-acquiring" in lost.reason
+    assert "search" not in lost.stage_ms
+    _, features = pipe._global(away, {}, thorough=False)
+    assert features["hypotheses"] == top_k and features["weak_first_pass"] == 0.0
 
 
 # ---------------------------------------------------------------------- confidence model
