@@ -545,7 +545,8 @@ class RegistrationPipeline:
         self._held = False
         self._tracked = 0  # tracked frames since the start (the periodic whole-model check)
         self.anchor_pose: np.ndarray | None = None  # last verified pose, kept while lost
-        self.anchor_stamp_ns: int | None = None
+        self.anchor_stamp_ns: int | None = None  # stamp of its frame
+        self.anchor_ready_ns: int | None = None  # when it was ready (>= anchor_stamp_ns)
         self.gate.reset()
 
     @property
@@ -579,10 +580,8 @@ class RegistrationPipeline:
             gap_s = (frame.stamp_ns - self.last_stamp_ns) * 1e-9
             if gap_s > self.config.track_max_gap_s:
                 mode = "global"
-        if mode == "global" and self.config.tracking and self.anchor_pose is not None:
-            since_s = (frame.stamp_ns - self.anchor_stamp_ns) * 1e-9
-            if 0.0 <= since_s <= self.config.reacquire_s:
-                mode, reacquiring = "tracking", True
+        if mode == "global" and self._recently_verified(frame):
+            mode, reacquiring = "tracking", True
         stages: dict[str, float] = {}
         try:
             if mode == "tracking":
@@ -639,7 +638,7 @@ class RegistrationPipeline:
                 # (below): counted from its frame's stamp, a registration slower than
                 # ``reacquire_s`` (a ``max_age_s`` above it let it through) sent every next
                 # frame of a live stream to the global search again, never to tracking
-                self.anchor_stamp_ns = now
+                self.anchor_ready_ns = now
             if shift is not None:
                 # the whole model pulled the tracked pose away: tracking goes on from the
                 # whole-model pose, published once a frame tracked from it agrees
@@ -670,7 +669,8 @@ class RegistrationPipeline:
                 # verified but too old to publish (a slow global registration): never
                 # published, only the start for re-acquiring on the next frames
                 self.anchor_pose = estimate.cam_from_spine.copy()
-                self.anchor_stamp_ns = now if now is not None else frame.stamp_ns
+                self.anchor_stamp_ns = frame.stamp_ns
+                self.anchor_ready_ns = now if now is not None else frame.stamp_ns
                 if mode == "global":
                     self._start_track(estimate, features)
         return PipelineResult(estimate, valid, reason, mode, confidence, features, stages,
@@ -735,6 +735,7 @@ class RegistrationPipeline:
         self.last_pose = pose.copy()
         self.last_stamp_ns = frame.stamp_ns
         self.anchor_pose, self.anchor_stamp_ns = pose.copy(), frame.stamp_ns
+        self.anchor_ready_ns = frame.stamp_ns
         if mode == "global":
             self._start_track(estimate, features)
 
@@ -795,11 +796,16 @@ class RegistrationPipeline:
 
     # ------------------------------------------------------------------ global
     def _recently_verified(self, frame: Frame) -> bool:
-        """A verified pose younger than ``reacquire_s`` exists (tracking on): the spine was
-        just lost, and the next frames re-acquire from that pose."""
+        """A verified pose exists (tracking on), ``frame`` is not older than it and was
+        taken at most ``reacquire_s`` after the pose was ready: the spine was just lost (or
+        the registration was slow), and the next frames re-acquire from that pose. A frame
+        taken while a slow registration ran (stamped between the pose's frame and its
+        result, the latest one when it ended) is in the window too."""
         if not self.config.tracking or self.anchor_pose is None or self.anchor_stamp_ns is None:
             return False
-        return 0.0 <= (frame.stamp_ns - self.anchor_stamp_ns) * 1e-9 <= self.config.reacquire_s
+        if frame.stamp_ns < self.anchor_stamp_ns:
+            return False
+        return (frame.stamp_ns - self.anchor_ready_ns) * 1e-9 <= self.config.reacquire_s
 
     def _global(self, frame: Frame, stages: dict[str, float], thorough: bool = True):
         """Global registration. ``thorough`` False (the spine was just lost and the next

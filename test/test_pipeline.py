@@ -299,8 +299,9 @@ def test_a_slow_published_global_registration_is_followed_by_tracking(method, sp
     ready = recording[0].stamp_ns + int((pipeline.config.reacquire_s + 1.0) * 1e9)
     first = pipeline.process(recording[0], now_ns=ready)
     assert first.valid and first.mode == "global", first.reason
-    # the latest frame of the stream when the registration was ready (a static camera)
-    latest = dataclasses.replace(recording[1], stamp_ns=ready + 10_000_000)
+    # the latest frame of the stream when the registration was ready (a static camera): taken
+    # 20 ms before it, while the registration ran
+    latest = dataclasses.replace(recording[1], stamp_ns=ready - 20_000_000)
     second = pipeline.process(latest, now_ns=latest.stamp_ns + 30_000_000)
     assert second.mode == "tracking" and "search" not in second.stage_ms, second.reason
     assert second.valid, second.reason
