@@ -160,3 +160,25 @@ def test_fit_bone_colour_command_writes_a_loadable_model(tmp_path):
     bone = (frame.labels > 0) & (frame.depth_mm > 0)
     prob = model.probability(frame.color)
     assert prob[bone].mean() > prob[(frame.depth_mm > 0) & ~bone].mean() + 0.3
+
+
+def test_probability_is_the_documented_network_on_the_documented_features():
+    """Features and probabilities equal a plain per-pixel reference of the module's formula
+    (RGB/255, chromaticities r/(r+g+b+1e-3) and g/(...), max-min, R-G, G-B; sigmoid of a
+    ReLU layer), bit for bit in float32."""
+    model = BoneColourModel.load()
+    rng = np.random.default_rng(9)
+    image = rng.integers(0, 256, size=(37, 23, 3), dtype=np.uint8)
+    image[0, :3] = [[0, 0, 0], [255, 255, 255], [255, 0, 0]]
+    c = image.astype(np.float32) / np.float32(255.0)
+    total = c[..., 0] + c[..., 1] + c[..., 2] + np.float32(1e-3)
+    reference = np.stack([c[..., 0], c[..., 1], c[..., 2], c[..., 0] / total, c[..., 1] / total,
+                          c.max(-1) - c.min(-1), c[..., 0] - c[..., 1], c[..., 1] - c[..., 2]],
+                         axis=-1)
+    np.testing.assert_array_equal(colour_features(image), reference)
+    hidden = np.maximum(reference @ model.w1.T + model.b1, 0.0)
+    logit = np.clip(hidden @ model.w2 + model.b2, -30.0, 30.0)
+    expected = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    got = model.probability(image)
+    assert got.dtype == np.float32 and got.shape == image.shape[:2]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)

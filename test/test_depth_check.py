@@ -246,3 +246,25 @@ def test_target_sd_of_a_rendered_frame_is_small_at_the_true_pose(specimen_frame)
     check = depth_agreement(frame.depth_mm, frame.camera, pose, surface, targets=targets)
     assert 0.0 < check.target_sd_mm < 0.5
     assert np.isnan(depth_agreement(frame.depth_mm, frame.camera, pose, surface).target_sd_mm)
+
+
+def test_flat_pixel_lookup_is_the_pixel_of_pixel_indices():
+    """The flat index of :func:`pixel_lookup` addresses the same pixel as the (row, column)
+    of :func:`pixel_indices`, with the same ``inside``, at full and subsampled resolution;
+    a depth image of another size is refused."""
+    from end2reg_ros.registration.depth_check import pixel_indices, pixel_lookup
+
+    rng = np.random.default_rng(2)
+    points = np.stack([rng.uniform(-400, 400, (5, 300)), rng.uniform(-300, 300, (5, 300)),
+                       rng.uniform(-50, 600, (5, 300))], axis=-1)
+    points[0, :10, 2] = 0.0  # on the optical centre's plane
+    points[1, :10] = np.nan
+    for stride in (1, 2, 4):
+        rows, cols, inside = pixel_indices(CAMERA, points, stride)
+        flat, inside_flat = pixel_lookup(CAMERA, points, stride)
+        width = -(-CAMERA.width // stride)
+        np.testing.assert_array_equal(inside_flat, inside)
+        np.testing.assert_array_equal(flat, rows * width + cols)
+        assert inside.any() and not inside.all()
+    with pytest.raises(ValueError, match="camera says"):
+        depth_residuals(np.zeros((240, 320), np.float32), CAMERA, points)

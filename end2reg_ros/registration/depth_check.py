@@ -110,15 +110,46 @@ def pixel_indices(
             inside)
 
 
+def pixel_lookup(
+    camera: CameraIntrinsics, points_cam: np.ndarray, stride: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels of :func:`pixel_indices` as flat indices into the raveled (subsampled)
+    image, ``row * columns + column`` (0 where ``inside`` is False): ``(flat, inside)``.
+    One gather per image instead of a two-index one, and one projection for several images
+    (depth and bone probability)."""
+    z = points_cam[..., 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = np.rint((camera.fx * points_cam[..., 0] / z + camera.cx) / stride)
+        v = np.rint((camera.fy * points_cam[..., 1] / z + camera.cy) / stride)
+    cols = -(-camera.width // stride)
+    rows = -(-camera.height // stride)
+    inside = (z > 1.0) & (u >= 0) & (u < cols) & (v >= 0) & (v < rows)
+    with np.errstate(invalid="ignore"):  # NaN / inf outside: set to 0 below
+        v *= cols
+        v += u
+    v[~inside] = 0
+    return v.astype(np.intp), inside
+
+
+def residuals_at(depth_mm: np.ndarray, points_cam: np.ndarray, flat: np.ndarray,
+                 inside: np.ndarray) -> np.ndarray:
+    """:func:`depth_residuals` from a :func:`pixel_lookup` of ``points_cam``."""
+    obs = np.asarray(depth_mm, dtype=np.float32).reshape(-1)[flat]
+    valid = inside & np.isfinite(obs) & (obs > 0)
+    return np.where(valid, obs - points_cam[..., 2], np.nan)
+
+
 def depth_residuals(
     depth_mm: np.ndarray, camera: CameraIntrinsics, points_cam: np.ndarray
 ) -> np.ndarray:
     """``z_obs - z_pred`` (..., P) for optical-frame points (..., P, 3) in mm; NaN where the
-    point is behind the camera, projects outside the image or lands on a pixel without depth."""
-    vi, ui, inside = pixel_indices(camera, points_cam)
-    obs = np.asarray(depth_mm, dtype=np.float32)[vi, ui]
-    valid = inside & np.isfinite(obs) & (obs > 0)
-    return np.where(valid, obs - points_cam[..., 2], np.nan)
+    point is behind the camera, projects outside the image or lands on a pixel without depth.
+    Raises ValueError when the image is not the camera's size."""
+    if np.shape(depth_mm) != (camera.height, camera.width):
+        raise ValueError(f"depth image is {np.shape(depth_mm)[::-1]} (W, H) but the camera "
+                         f"says {camera.width}x{camera.height}")
+    flat, inside = pixel_lookup(camera, points_cam)
+    return residuals_at(depth_mm, points_cam, flat, inside)
 
 
 @dataclass

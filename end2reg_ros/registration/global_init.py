@@ -43,7 +43,8 @@ from end2reg_ros.geometry import (
 from end2reg_ros.registration.depth_check import (
     SurfaceSamples,
     depth_residuals,
-    pixel_indices,
+    pixel_lookup,
+    residuals_at,
 )
 
 
@@ -334,7 +335,8 @@ def score_hypotheses(
         q = pts @ rot.T  # (P, 3)
         facing = (nrm @ rot.T) @ view.T > 0.0  # (P, A)
         cam = anchors[:, None, :] + q[None, :, :]  # (A, P, 3)
-        res = depth_residuals(depth_mm, camera, cam)  # (A, P)
+        flat, inside = pixel_lookup(camera, cam)  # shared by the depth and colour lookups
+        res = residuals_at(depth_mm, cam, flat, inside)  # (A, P)
         res = np.where(facing.T, res, np.nan)
         # depth offset: the slide along the optical axis that scores best, from a histogram
         # of the residuals (bins of offset_bin_mm; residuals beyond the range fall into the
@@ -343,7 +345,7 @@ def score_hypotheses(
         agree_res = res if agree_depth_mm is None else np.where(
             facing.T, depth_residuals(agree_depth_mm, camera, cam), np.nan)
         weights = None if bone_probability is None else (
-            config.colour_base + pixel_values(bone_probability, camera, cam))
+            config.colour_base + _values_at(bone_probability, flat, inside))
         cum_agree = cum if agree_depth_mm is None and weights is None else (
             _cumulative_histogram(agree_res, config, n_bins, weights))
         centres = np.arange(n_bins)
@@ -380,8 +382,12 @@ def _cumulative_histogram(res: np.ndarray, config: GlobalSearchConfig, n_bins: i
 def pixel_values(image: np.ndarray, camera: CameraIntrinsics, points_cam: np.ndarray) -> np.ndarray:
     """Values of a per-pixel ``image`` (H, W) at the pixels of optical-frame points
     (..., 3), mm; 0 where a point is behind the camera or outside the image."""
-    vi, ui, inside = pixel_indices(camera, points_cam)
-    return np.where(inside, np.asarray(image)[vi, ui], 0.0)
+    return _values_at(image, *pixel_lookup(camera, points_cam))
+
+
+def _values_at(image: np.ndarray, flat: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """:func:`pixel_values` from a :func:`pixel_lookup`."""
+    return np.where(inside, np.asarray(image).reshape(-1)[flat], 0.0)
 
 
 def global_hypotheses(
@@ -529,18 +535,20 @@ def refine_hypotheses(
     stays where it is in that iteration."""
     stride = config.icp_stride
     scene, scene_n, trusted = scene_maps(depth_mm, camera, stride)
+    scene_flat, scene_n_flat = scene.reshape(-1, 3), scene_n.reshape(-1, 3)
+    trusted_flat = trusted.reshape(-1)
     poses = np.array(poses, dtype=np.float64, copy=True)
     pts = np.asarray(points, dtype=np.float64)
     nrm = np.asarray(normals, dtype=np.float64)
     for max_dist, iterations in config.icp_schedule:
         for _ in range(iterations):
             q, qn, facing = _posed(poses, pts, nrm)
-            vi, ui, inside = pixel_indices(camera, q, stride)
-            s, n = scene[vi, ui], scene_n[vi, ui]
+            flat, inside = pixel_lookup(camera, q, stride)
+            s, n = scene_flat[flat], scene_n_flat[flat]
             with np.errstate(invalid="ignore"):
                 diff = q - s
                 r = (n * diff).sum(axis=-1)
-                pair = (inside & trusted[vi, ui] & facing
+                pair = (inside & trusted_flat[flat] & facing
                         & ((diff * diff).sum(axis=-1) < max_dist * max_dist)
                         & ((n * qn).sum(axis=-1) > 0.3) & np.isfinite(r))
             m = pair[..., None]
@@ -569,13 +577,14 @@ def fine_scores(
     camera, agreement within ``fine_agree_mm``, violation (seen through) beyond
     ``fine_violate_mm``; weighted by ``bone_probability`` as in :func:`score_hypotheses`."""
     q, _, facing = _posed(np.asarray(poses, dtype=np.float64), points, normals)
-    res = np.where(facing, depth_residuals(depth_mm, camera, q), np.nan)
+    flat, inside = pixel_lookup(camera, q)
+    res = np.where(facing, residuals_at(depth_mm, q, flat, inside), np.nan)
     with np.errstate(invalid="ignore"):
         agreeing = np.abs(res) < config.fine_agree_mm
         violate = (res > config.fine_violate_mm).sum(axis=1)
     if bone_probability is None:
         return agreeing.sum(axis=1) - config.violate_weight * violate
-    weights = config.colour_base + pixel_values(bone_probability, camera, q)
+    weights = config.colour_base + _values_at(bone_probability, flat, inside)
     return (np.where(agreeing, weights, 0.0).sum(axis=1)
             - config.violate_weight * violate * (config.colour_base + 0.5))
 
