@@ -172,7 +172,7 @@ class LearnedRegistration(RegistrationMethod):
         init = np.asarray(init_cam_from_spine, dtype=float)
         scene = build_scene(
             frame, init, self.model, cfg.roi_margin_mm, cfg.voxel_mm, cfg.normal_radius_mm,
-            cfg.backproject_stride, timings=stage,
+            cfg.backproject_stride, timings=stage, normals=False,
         )
         if len(scene.points) < 16:
             stage.update(segmentation=0.0, registration=0.0, refinement=0.0)

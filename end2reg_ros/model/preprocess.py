@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import open3d as o3d
+from scipy.spatial import cKDTree
 
 from end2reg_ros.camera import CameraIntrinsics, backproject
 from end2reg_ros.geometry import invert, transform_points
@@ -45,12 +46,56 @@ class ModelCloud:
 class SceneCloud:
     """Cropped, downsampled scene in the optical frame (mm): points, unit normals oriented
     towards the camera, colours in [0, 1]; ``labels`` (optional, uint8, 0 = background) only
-    when built for the two-stage ablation."""
+    when built for the two-stage ablation. ``normals`` None: not estimated yet;
+    :meth:`normals_at` estimates those of the points it is asked for (within
+    ``normal_radius_mm``)."""
 
     points: np.ndarray
-    normals: np.ndarray
+    normals: np.ndarray | None
     colors: np.ndarray
     labels: np.ndarray | None = None
+    normal_radius_mm: float | None = None
+
+    def normals_at(self, index: np.ndarray) -> np.ndarray:
+        """Unit normals (len(index), 3) of the points ``index``, oriented towards the camera."""
+        if self.normals is not None:
+            return self.normals[index]
+        if self.normal_radius_mm is None:
+            raise ValueError("scene built without normals and without a normal radius")
+        return estimate_normals_at(self.points, index, self.normal_radius_mm)
+
+
+def estimate_normals_at(points: np.ndarray, index: np.ndarray, radius_mm: float,
+                        max_nn: int = 30) -> np.ndarray:
+    """Normals of ``points[index]`` (optical frame, mm) as :func:`downsample_with_normals`
+    estimates them for every point (open3d's ``estimate_normals`` with a hybrid search,
+    then ``orient_normals_towards_camera_location`` at the origin): the direction of least
+    variance of the point's ``max_nn`` nearest points within ``radius_mm`` (the point itself
+    included), turned towards the optical centre; ``(0, 0, -1)`` with fewer than 3 such
+    points. The network sees only its N sampled points, so the registration estimates only
+    theirs: 512 instead of ~10,000 per crop. Same normals as open3d's to ~1e-6 (other
+    eigen-solver), except where the neighbourhood is degenerate (collinear points)."""
+    pts = np.asarray(points, dtype=np.float64)
+    index = np.asarray(index, dtype=np.int64)
+    out = np.zeros((len(index), 3))
+    if not len(index):
+        return out.astype(np.float32)
+    k = int(min(max_nn, len(pts)))
+    dist, nn = cKDTree(pts).query(pts[index], k=k, distance_upper_bound=radius_mm)
+    dist, nn = dist.reshape(len(index), k), nn.reshape(len(index), k)
+    found = np.isfinite(dist)
+    count = found.sum(axis=1)
+    neighbours = pts[np.where(found, nn, 0)]  # (n, k, 3); the unfound rows masked below
+    weight = found[..., None].astype(np.float64)
+    mean = (neighbours * weight).sum(axis=1) / np.maximum(count, 1)[:, None]
+    centred = (neighbours - mean[:, None, :]) * weight
+    cov = np.einsum("nki,nkj->nij", centred, centred) / np.maximum(count, 1)[:, None, None]
+    _, vectors = np.linalg.eigh(cov)
+    out = vectors[:, :, 0]  # eigenvalues ascending: the least-variance direction
+    out[count < 3] = (0.0, 0.0, 1.0)
+    flip = np.einsum("ij,ij->i", out, -pts[index]) < 0.0
+    out[flip] *= -1.0
+    return out.astype(np.float32)
 
 
 def sample_mesh_surface(
@@ -198,24 +243,27 @@ def downsample_with_normals(
     voxel_mm: float,
     normal_radius_mm: float,
     labels: np.ndarray | None = None,
+    normals: bool = True,
 ) -> SceneCloud:
-    """Voxel-average points and colours, estimate normals oriented towards the camera origin."""
+    """Voxel-average points and colours, estimate normals oriented towards the camera origin
+    (``normals`` False: left to :meth:`SceneCloud.normals_at`, for the points that need one)."""
     pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
     pcd.colors = o3d.utility.Vector3dVector(colors.astype(np.float64))
     if voxel_mm > 0:
         pcd = pcd.voxel_down_sample(voxel_mm)
-    if len(pcd.points) >= 3:
+    if normals and len(pcd.points) >= 3:
         pcd.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(normal_radius_mm, 30))
         pcd.orient_normals_towards_camera_location(np.zeros(3))
     pts = np.asarray(pcd.points, dtype=np.float32)
     nrm = np.asarray(pcd.normals, dtype=np.float32) if pcd.has_normals() else np.zeros_like(pts)
     out_labels = None
     if labels is not None and len(pts):
-        from scipy.spatial import cKDTree
-
         _, nn = cKDTree(points).query(pts, k=1)
         out_labels = labels[nn].astype(np.uint8)
-    return SceneCloud(pts, nrm, np.asarray(pcd.colors, dtype=np.float32), out_labels)
+    if not normals and len(pts) >= 3:
+        nrm = None
+    return SceneCloud(pts, nrm, np.asarray(pcd.colors, dtype=np.float32), out_labels,
+                      normal_radius_mm=float(normal_radius_mm))
 
 
 def build_scene(
@@ -228,14 +276,17 @@ def build_scene(
     stride: int = 1,
     with_labels: bool = False,
     timings: dict[str, float] | None = None,
+    normals: bool = True,
 ) -> SceneCloud:
-    """Crop + downsample + normals of one frame (optical frame, mm); fills ``timings`` (ms)."""
+    """Crop + downsample + normals of one frame (optical frame, mm); fills ``timings`` (ms).
+    ``normals`` False: estimated later, only for the points sampled from it
+    (:meth:`SceneCloud.normals_at`)."""
     t0 = time.perf_counter()
     points, colors, labels = crop_scene(
         frame, crop_cam_from_spine, model.bbox_min, model.bbox_max, margin_mm, stride, with_labels
     )
     t1 = time.perf_counter()
-    scene = downsample_with_normals(points, colors, voxel_mm, normal_radius_mm, labels)
+    scene = downsample_with_normals(points, colors, voxel_mm, normal_radius_mm, labels, normals)
     if timings is not None:
         timings["backprojection"] = (t1 - t0) * 1e3
         timings["sampling"] = (time.perf_counter() - t1) * 1e3
@@ -285,7 +336,7 @@ def sample_network_input(
         raise ValueError(f"only {len(candidates)} scene points inside the region of interest")
     idx = candidates[rng.choice(len(candidates), num_scene, replace=len(candidates) < num_scene)]
     xyz = transform_points(spine_from_cam, scene.points[idx]).astype(np.float32)
-    nrm = (scene.normals[idx] @ spine_from_cam[:3, :3].T).astype(np.float32)
+    nrm = (scene.normals_at(idx) @ spine_from_cam[:3, :3].T).astype(np.float32)
     m_idx = rng.choice(len(model.points), num_model, replace=len(model.points) < num_model)
     return NetworkSample(
         scene_xyz=xyz,
