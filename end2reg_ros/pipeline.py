@@ -438,7 +438,7 @@ class PipelineConfig:
     #: times, the other two 2 and 3 times; a near miss (2.01 mm) 6 times.
     confirm_shift_mm: float = 6.0
     confirm_min_returns: int = 4
-    #: the stability check of a thorough global registration that the gate would refuse
+    #: the stability check of a global registration that the gate would refuse
     #: for its calibrated confidence alone but that a stable outcome could bring up to the
     #: gate's ``min_confidence``: the method runs from the same six starts around it as
     #: for ``confirm_min_returns``. Stable: all six come back within ``same_pose_mm`` and
@@ -602,8 +602,7 @@ class RegistrationPipeline:
                 if estimate is None:  # no verified pose to re-acquire from: search now
                     mode = "global"
             if mode == "global":
-                estimate, features = self._global(frame, stages,
-                                                  thorough=not self._recently_verified(frame))
+                estimate, features = self._global(frame, stages)
         except ValueError as err:  # frames the search cannot use (no depth, ...)
             self.gate.mark_processed(frame.stamp_ns)
             self._lose()
@@ -809,11 +808,10 @@ class RegistrationPipeline:
             return False
         return (frame.stamp_ns - self.anchor_ready_ns) * 1e-9 <= self.config.reacquire_s
 
-    def _global(self, frame: Frame, stages: dict[str, float], thorough: bool = True):
-        """Global registration. ``thorough`` False (the spine was just lost and the next
-        frames re-acquire from the last verified pose): a weak result gets no extra work
-        (no reserve hypotheses, second search or rivals' network runs; 1-2 s on this CPU),
-        so the node is free for those frames."""
+    def _global(self, frame: Frame, stages: dict[str, float]):
+        """Global registration: ``(estimate, features)``. A frame taken just after the spine
+        was lost never comes here (:meth:`process` refuses it and re-acquires by tracking),
+        so every global registration gets the weak path's extra work when it needs it."""
         t0 = time.perf_counter()
         bone = None  # colour not registered to the depth pixels: depth only
         if self.bone_colour is not False and frame.color.shape[:2] == frame.depth_mm.shape:
@@ -821,7 +819,7 @@ class RegistrationPipeline:
         cfg = self.config
         search = cfg.global_search
         reserve = max(0, cfg.weak_extra_hypotheses) \
-            if cfg.rivals_below_score is not None and thorough else 0
+            if cfg.rivals_below_score is not None else 0
         if reserve and search.refined_top_k > 0:
             search = replace(search, refined_top_k=search.refined_top_k + reserve)
         pools: dict = {}  # refined pools of this frame, shared by its searches
@@ -836,8 +834,8 @@ class RegistrationPipeline:
         refined = [self._refine_hypothesis(frame, hyp.cam_from_spine, stages)
                    for hyp in hyps[:first]]
 
-        def still_weak() -> bool:  # the best registration so far is weak (thorough only)
-            return thorough and self._weak(max(r[0] for r in refined))
+        def still_weak() -> bool:  # the best registration so far is weak
+            return self._weak(max(r[0] for r in refined))
 
         weak_first_pass = still_weak()
         if len(hyps) > first and weak_first_pass:
@@ -880,7 +878,7 @@ class RegistrationPipeline:
             best, check = self._keep_search_pose(frame, best, start), start_check
             best_score = self._score(start_check)
         # the rivals of a weak registration: one vertebra cranially / caudally, reversed
-        rivals = self._rivals(frame, best, best_score, stages, challenge=thorough)
+        rivals = self._rivals(frame, best, best_score, stages)
         challengers = [r for r in rivals.values() if r[1] is not None]
         previous = []
         if challengers:
@@ -902,9 +900,8 @@ class RegistrationPipeline:
         features["hypotheses"] = len(refined)
         features["weak_first_pass"] = float(weak_first_pass)
         # both checks use the same six runs; only the stability check needs their scores
-        confirm = (thorough and self._unreproduced(features, "global")
-                   and cfg.confirm_min_returns > 0)
-        stability = thorough and self._wants_stability_check(features)
+        confirm = self._unreproduced(features, "global") and cfg.confirm_min_returns > 0
+        stability = self._wants_stability_check(features)
         if confirm or stability:
             returns = self._returns(frame, best.cam_from_spine, stages, scored=stability)
             back = sum(distance <= cfg.same_pose_mm for distance, _ in returns)
@@ -1046,8 +1043,7 @@ class RegistrationPipeline:
         registration method also runs from each rival start (it corrects ~6 mm / 6 deg but
         not a level, 35-40 mm, away), and a result that does not come back to ``best``
         (within ``same_pose_mm``) is a challenger that may replace it (``challenge`` False:
-        the ICP scores only, for the pose that replaced another and for a global
-        registration that is not thorough)."""
+        the ICP scores only, for the pose that replaced another)."""
         cfg = self.config
         out: dict = {}
         if self._level_step is None:
