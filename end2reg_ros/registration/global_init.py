@@ -341,13 +341,14 @@ def score_hypotheses(
         # depth offset: the slide along the optical axis that scores best, from a histogram
         # of the residuals (bins of offset_bin_mm; residuals beyond the range fall into the
         # first / last bin, where they still count as violations or occlusions)
-        cum = _cumulative_histogram(res, config, n_bins)
-        agree_res = res if agree_depth_mm is None else np.where(
-            facing.T, depth_residuals(agree_depth_mm, camera, cam), np.nan)
+        res_bins = _offset_bins(res, config, n_bins)
+        cum = _cumulative_histogram(res_bins, len(res), n_bins)
+        agree_bins = res_bins if agree_depth_mm is None else _offset_bins(np.where(
+            facing.T, depth_residuals(agree_depth_mm, camera, cam), np.nan), config, n_bins)
         weights = None if bone_probability is None else (
             config.colour_base + _values_at(bone_probability, flat, inside))
         cum_agree = cum if agree_depth_mm is None and weights is None else (
-            _cumulative_histogram(agree_res, config, n_bins, weights))
+            _cumulative_histogram(agree_bins, len(res), n_bins, weights))
         centres = np.arange(n_bins)
         lo = np.clip(centres - half_agree, 0, n_bins)
         hi = np.clip(centres + half_agree + 1, 0, n_bins)
@@ -366,17 +367,26 @@ def score_hypotheses(
     return scores, offsets
 
 
-def _cumulative_histogram(res: np.ndarray, config: GlobalSearchConfig, n_bins: int,
+def _offset_bins(res: np.ndarray, config: GlobalSearchConfig,
+                 n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """The offset bin of every finite residual of (A, P) ``res``, as a flat index
+    ``row * n_bins + bin`` (residuals beyond the range in the first / last bin), and where
+    the residuals are finite (A, P): ``(flat, finite)``, row-major like ``res[finite]``."""
+    finite = np.isfinite(res)
+    rows = np.nonzero(finite)[0]
+    idx = np.floor((res[finite] + config.offset_range_mm) / config.offset_bin_mm)
+    np.clip(idx, 0, n_bins - 1, out=idx)
+    return idx.astype(np.int64) + rows * n_bins, finite
+
+
+def _cumulative_histogram(bins: tuple[np.ndarray, np.ndarray], rows: int, n_bins: int,
                           weights: np.ndarray | None = None) -> np.ndarray:
-    """(A, n_bins + 1) cumulative counts (or sums of ``weights`` (A, P)) of the residuals
-    (A, P) per offset bin (NaN left out)."""
-    idx = np.floor((res + config.offset_range_mm) / config.offset_bin_mm)
-    ok = np.isfinite(idx)
-    idx = np.clip(np.where(ok, idx, 0), 0, n_bins - 1).astype(np.int64)
-    flat = idx + np.arange(len(res))[:, None] * n_bins
-    hist = np.bincount(flat[ok], weights=None if weights is None else weights[ok],
-                       minlength=len(res) * n_bins).reshape(len(res), n_bins)
-    return np.concatenate([np.zeros((len(res), 1)), np.cumsum(hist, axis=1)], axis=1)
+    """(rows, n_bins + 1) cumulative counts (or sums of ``weights`` (rows, P)) per offset
+    bin of :func:`_offset_bins` ``bins`` (non-finite residuals left out)."""
+    flat, finite = bins
+    hist = np.bincount(flat, weights=None if weights is None else weights[finite],
+                       minlength=rows * n_bins).reshape(rows, n_bins)
+    return np.concatenate([np.zeros((rows, 1)), np.cumsum(hist, axis=1)], axis=1)
 
 
 def pixel_values(image: np.ndarray, camera: CameraIntrinsics, points_cam: np.ndarray) -> np.ndarray:
