@@ -55,7 +55,6 @@ from end2reg_ros.registration.depth_check import (
     surface_samples,
 )
 from end2reg_ros.registration.global_init import GlobalSearchConfig, propose_initial_poses
-from end2reg_ros.registration.icp import IcpTarget, point_to_plane_icp
 from end2reg_ros.safety import SafetyGate, SafetyLimits
 from end2reg_ros.types import Frame, RegistrationEstimate, RegistrationMethod, Specimen
 
@@ -523,7 +522,6 @@ class RegistrationPipeline:
         self._targets = targets
         self._dense, self._dense_normals = self._dense_surface()
         self._dense_tree = cKDTree(self._dense)
-        self._dense_target = IcpTarget.build(self._dense, self._dense_normals, self._dense_tree)
         self._level_step = _level_step(specimen)
         self._centre = _model_centre(specimen)
         self.reset()
@@ -538,7 +536,7 @@ class RegistrationPipeline:
         self.track_region: cKDTree | None = None
         #: the dense model points (and normals) tracking's ICP aligns to: those near the
         #: learned region (None: the whole model)
-        self._track_target: IcpTarget | None = None
+        self._track_target: tuple[np.ndarray, np.ndarray] | None = None
         #: margin, support and level margin of the global registration a track started
         #: from: a track inherits how ambiguous its start was (its frames' confidence uses them)
         self._track_evidence = (0.0, 0.0, 0.0)
@@ -746,13 +744,13 @@ class RegistrationPipeline:
         self.track_region = self._learned_region(estimate)
         self._track_target = None
         if self.track_region is not None:
-            # tracking's ICP searches only the part of the model it can pair with (source
-            # points lie within the first ICP distance of the region): a smaller tree, built
-            # once per track
+            # the ICP builds a search tree of its target on every call: the part of the
+            # model tracking can pair with (source points lie within the first ICP distance
+            # of the region) instead of all of it
             near, _ = self.track_region.query(
                 self._dense, k=1, distance_upper_bound=self.config.track_target_margin_mm)
             keep = np.isfinite(near)
-            self._track_target = IcpTarget.build(self._dense[keep], self._dense_normals[keep])
+            self._track_target = (self._dense[keep], self._dense_normals[keep])
         self._track_evidence = (features["margin"], features["support"],
                                 features["level_margin"])
 
@@ -1188,6 +1186,7 @@ class RegistrationPipeline:
         (a random subset; defaults ``track_stride``, ``track_max_points``):
         ``(cam_from_spine, source points (optical frame), their distances to the model after
         ICP)``, or None when fewer than 50 scene points are there."""
+        from end2reg_ros.model.inference import _point_to_plane_icp
         from end2reg_ros.model.preprocess import crop_scene
 
         cfg = self.config
@@ -1207,12 +1206,12 @@ class RegistrationPipeline:
         if len(source) > max_points:
             rng = np.random.default_rng(frame.stamp_ns % (2**32))
             source = source[rng.choice(len(source), max_points, replace=False)]
-        target = self._dense_target
+        target = (self._dense, self._dense_normals)
         if region is self.track_region and self._track_target is not None \
                 and distances[0] <= cfg.track_target_margin_mm:
             target = self._track_target
-        spine_from_cam = point_to_plane_icp(source, target, invert(start), distances,
-                                            cfg.track_icp_iterations)
+        spine_from_cam = _point_to_plane_icp(source, *target, invert(start), distances,
+                                             cfg.track_icp_iterations)
         d, _ = self._dense_tree.query(transform_points(spine_from_cam, source), k=1,
                                       distance_upper_bound=10.0)
         return invert(spine_from_cam), source, d

@@ -78,19 +78,19 @@ def test_global_then_tracking(pipeline, recording, specimen):
 
 def test_tracking_aligns_to_the_model_near_the_learned_region(method, specimen, recording,
                                                                 monkeypatch):
-    """Tracking's ICP aligns to the part of the model near the learned region (a smaller
-    search tree, faster queries), with the same tracked poses as with the whole model as
-    target."""
-    import end2reg_ros.pipeline as pipeline_module
+    """Tracking's ICP aligns to the part of the model near the learned region (its search
+    tree is built on every call: a smaller target, a faster frame), with the same tracked
+    poses as with the whole model as target."""
+    import end2reg_ros.model.inference as inference
 
-    icp = pipeline_module.point_to_plane_icp
+    icp = inference._point_to_plane_icp
     sizes: list[int] = []
 
-    def recorded(source, target, *args):
-        sizes.append(len(target))
-        return icp(source, target, *args)
+    def recorded(source, target_points, *args):
+        sizes.append(len(target_points))
+        return icp(source, target_points, *args)
 
-    monkeypatch.setattr(pipeline_module, "point_to_plane_icp", recorded)
+    monkeypatch.setattr(inference, "_point_to_plane_icp", recorded)
     poses = {}
     for margin in (12.0, 1e6):
         pipe = RegistrationPipeline(method, specimen, config=PipelineConfig(

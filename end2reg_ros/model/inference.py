@@ -41,7 +41,6 @@ from end2reg_ros.model.device import resolve_device
 from end2reg_ros.model.layers import knn_indices
 from end2reg_ros.model.network import batch_from_samples
 from end2reg_ros.model.preprocess import build_scene, prepare_model_cloud, sample_network_input
-from end2reg_ros.registration.icp import IcpTarget, point_to_plane_icp
 from end2reg_ros.types import Frame, RegistrationEstimate, RegistrationMethod, Specimen
 
 #: Directory of the released weights.
@@ -82,6 +81,31 @@ def default_weights(name: str) -> Path:
     if name not in DEFAULT_WEIGHTS:
         raise ValueError(f"no learned method {name!r}; choose one of {sorted(DEFAULT_WEIGHTS)}")
     return WEIGHTS_DIR / DEFAULT_WEIGHTS[name]
+
+
+def _point_to_plane_icp(
+    source_cam: np.ndarray,
+    target_points: np.ndarray,
+    target_normals: np.ndarray,
+    init_spine_from_cam: np.ndarray,
+    max_distances_mm: tuple[float, ...],
+    iterations: int,
+) -> np.ndarray:
+    """open3d point-to-plane ICP, coarse to fine over ``max_distances_mm``: ``spine_from_cam``."""
+    import open3d as o3d
+
+    reg = o3d.pipelines.registration
+    src = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(source_cam.astype(np.float64)))
+    tgt = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(target_points.astype(np.float64)))
+    tgt.normals = o3d.utility.Vector3dVector(target_normals.astype(np.float64))
+    pose = np.asarray(init_spine_from_cam, dtype=np.float64)
+    for distance in max_distances_mm:
+        result = reg.registration_icp(
+            src, tgt, distance, pose, reg.TransformationEstimationPointToPlane(),
+            reg.ICPConvergenceCriteria(max_iteration=iterations),
+        )
+        pose = np.asarray(result.transformation)
+    return pose
 
 
 def masked_fit(dist: np.ndarray, icp_distance_mm: float) -> tuple[float, float, int]:
@@ -137,7 +161,6 @@ class LearnedRegistration(RegistrationMethod):
         self.seed = seed
         self.model = None
         self._model_tree: cKDTree | None = None
-        self._icp_target: IcpTarget | None = None
 
     def _masked_distances(self, cam_from_spine: np.ndarray, masked: np.ndarray) -> np.ndarray:
         """Distances (mm, inf beyond 10 mm) of the masked points (optical frame) to the
@@ -160,8 +183,6 @@ class LearnedRegistration(RegistrationMethod):
             specimen, self.cfg.model_pool_points, self.cfg.model_visible_only, seed=0
         )
         self._model_tree = cKDTree(self.model.dense_points)
-        self._icp_target = IcpTarget.build(self.model.dense_points, self.model.dense_normals,
-                                           self._model_tree)
 
     @torch.no_grad()
     def register(self, frame: Frame, init_cam_from_spine: np.ndarray) -> RegistrationEstimate:
@@ -222,9 +243,9 @@ class LearnedRegistration(RegistrationMethod):
             if len(source) > ICP_MAX_SOURCE_POINTS:  # bounded cost (deterministic subset)
                 source = source[rng.choice(len(source), ICP_MAX_SOURCE_POINTS, replace=False)]
             starts = [estimate, init] if self.icp_from_start else [estimate]
-            candidates = [invert(point_to_plane_icp(
-                source, self._icp_target, invert(start), self.icp_max_distance_mm,
-                self.icp_iterations,
+            candidates = [invert(_point_to_plane_icp(
+                source, self.model.dense_points, self.model.dense_normals, invert(start),
+                self.icp_max_distance_mm, self.icp_iterations,
             )) for start in starts]
             if len(candidates) == 1:
                 estimate = candidates[0]
