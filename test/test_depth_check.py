@@ -248,11 +248,12 @@ def test_target_sd_of_a_rendered_frame_is_small_at_the_true_pose(specimen_frame)
     assert np.isnan(depth_agreement(frame.depth_mm, frame.camera, pose, surface).target_sd_mm)
 
 
-def test_flat_pixel_lookup_is_the_pixel_of_pixel_indices():
-    """The flat index of :func:`pixel_lookup` addresses the same pixel as the (row, column)
-    of :func:`pixel_indices`, with the same ``inside``, at full and subsampled resolution;
-    a depth image of another size is refused."""
-    from end2reg_ros.registration.depth_check import pixel_indices, pixel_lookup
+def test_flat_pixel_lookup_is_the_nearest_pixel():
+    """The flat index of :func:`pixel_lookup` addresses the nearest pixel (row, column) of
+    each point, computed point by point here, with ``inside`` False behind the camera,
+    outside the image and for NaN points, at full and subsampled resolution; a depth image
+    of another size is refused."""
+    from end2reg_ros.registration.depth_check import pixel_lookup
 
     rng = np.random.default_rng(2)
     points = np.stack([rng.uniform(-400, 400, (5, 300)), rng.uniform(-300, 300, (5, 300)),
@@ -260,11 +261,18 @@ def test_flat_pixel_lookup_is_the_pixel_of_pixel_indices():
     points[0, :10, 2] = 0.0  # on the optical centre's plane
     points[1, :10] = np.nan
     for stride in (1, 2, 4):
-        rows, cols, inside = pixel_indices(CAMERA, points, stride)
-        flat, inside_flat = pixel_lookup(CAMERA, points, stride)
+        flat, inside = pixel_lookup(CAMERA, points, stride)
         width = -(-CAMERA.width // stride)
-        np.testing.assert_array_equal(inside_flat, inside)
-        np.testing.assert_array_equal(flat, rows * width + cols)
+        height = -(-CAMERA.height // stride)
+        for index in np.ndindex(points.shape[:2]):
+            x, y, z = points[index]
+            expected_inside = False
+            if np.isfinite(z) and z > 1.0:
+                col = round((CAMERA.fx * x / z + CAMERA.cx) / stride)
+                row = round((CAMERA.fy * y / z + CAMERA.cy) / stride)
+                expected_inside = 0 <= col < width and 0 <= row < height
+            assert inside[index] == expected_inside, index
+            assert flat[index] == (row * width + col if expected_inside else 0), index
         assert inside.any() and not inside.all()
     with pytest.raises(ValueError, match="camera says"):
         depth_residuals(np.zeros((240, 320), np.float32), CAMERA, points)

@@ -73,13 +73,13 @@ def estimate_normals_at(points: np.ndarray, index: np.ndarray, radius_mm: float,
     variance of the point's ``max_nn`` nearest points within ``radius_mm`` (the point itself
     included), turned towards the optical centre; ``(0, 0, -1)`` with fewer than 3 such
     points. The network sees only its N sampled points, so the registration estimates only
-    theirs: 512 instead of ~10,000 per crop. Same normals as open3d's to ~1e-6 (other
-    eigen-solver), except where the neighbourhood is degenerate (collinear points)."""
+    theirs: 512 instead of ~10,000 per crop. Same normals as open3d's to rounding (another
+    eigen-solver), except where ties among the ``max_nn`` nearest (a pixel lattice at one
+    depth) pick other neighbours, or the neighbourhood is degenerate (collinear points)."""
     pts = np.asarray(points, dtype=np.float64)
     index = np.asarray(index, dtype=np.int64)
-    out = np.zeros((len(index), 3))
     if not len(index):
-        return out.astype(np.float32)
+        return np.zeros((0, 3), dtype=np.float32)
     k = int(min(max_nn, len(pts)))
     dist, nn = cKDTree(pts).query(pts[index], k=k, distance_upper_bound=radius_mm)
     dist, nn = dist.reshape(len(index), k), nn.reshape(len(index), k)

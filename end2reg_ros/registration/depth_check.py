@@ -93,10 +93,14 @@ def posterior_visible(samples: SurfaceSamples, specimen) -> SurfaceSamples:
                           samples.levels)
 
 
-def _project(camera: CameraIntrinsics, points_cam: np.ndarray, stride: int):
-    """Rounded pixel coordinates ``(u, v)`` (float; NaN / inf where undefined) of optical-frame
-    points (..., 3) in an image subsampled by ``stride``, where they lie in it (``inside``)
-    and that image's number of columns."""
+def pixel_lookup(
+    camera: CameraIntrinsics, points_cam: np.ndarray, stride: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest pixel of optical-frame points (..., 3) in mm, in an image subsampled by
+    ``stride``, as a flat index into the raveled image, ``row * columns + column``, and
+    whether the point lies in it: ``(flat, inside)``; ``flat`` is 0 where ``inside`` is False
+    (the point is behind the camera or projects outside the image). One projection serves
+    several images of the same size (depth and bone probability), each read by one gather."""
     z = points_cam[..., 2]
     with np.errstate(divide="ignore", invalid="ignore"):
         u = np.rint((camera.fx * points_cam[..., 0] / z + camera.cx) / stride)
@@ -104,28 +108,6 @@ def _project(camera: CameraIntrinsics, points_cam: np.ndarray, stride: int):
     cols = -(-camera.width // stride)
     rows = -(-camera.height // stride)
     inside = (z > 1.0) & (u >= 0) & (u < cols) & (v >= 0) & (v < rows)
-    return u, v, inside, cols
-
-
-def pixel_indices(
-    camera: CameraIntrinsics, points_cam: np.ndarray, stride: int = 1
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Nearest pixel of optical-frame points (..., 3) in mm, in an image subsampled by
-    ``stride``: ``(row, column, inside)``; row and column are 0 where ``inside`` is False
-    (the point is behind the camera or projects outside the image)."""
-    u, v, inside, _ = _project(camera, points_cam, stride)
-    return (np.where(inside, v, 0).astype(np.int64), np.where(inside, u, 0).astype(np.int64),
-            inside)
-
-
-def pixel_lookup(
-    camera: CameraIntrinsics, points_cam: np.ndarray, stride: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """The pixels of :func:`pixel_indices` as flat indices into the raveled (subsampled)
-    image, ``row * columns + column`` (0 where ``inside`` is False): ``(flat, inside)``.
-    One gather per image instead of a two-index one, and one projection for several images
-    (depth and bone probability)."""
-    u, v, inside, cols = _project(camera, points_cam, stride)
     with np.errstate(invalid="ignore"):  # NaN / inf outside: set to 0 below
         v *= cols
         v += u

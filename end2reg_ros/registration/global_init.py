@@ -389,14 +389,9 @@ def _cumulative_histogram(bins: tuple[np.ndarray, np.ndarray], rows: int, n_bins
     return np.concatenate([np.zeros((rows, 1)), np.cumsum(hist, axis=1)], axis=1)
 
 
-def pixel_values(image: np.ndarray, camera: CameraIntrinsics, points_cam: np.ndarray) -> np.ndarray:
-    """Values of a per-pixel ``image`` (H, W) at the pixels of optical-frame points
-    (..., 3), mm; 0 where a point is behind the camera or outside the image."""
-    return _values_at(image, *pixel_lookup(camera, points_cam))
-
-
 def _values_at(image: np.ndarray, flat: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """:func:`pixel_values` from a :func:`pixel_lookup`."""
+    """Values of a per-pixel ``image`` (H, W) at the pixels of a :func:`pixel_lookup`; 0
+    where a point is behind the camera or outside the image."""
     return np.where(inside, np.asarray(image).reshape(-1)[flat], 0.0)
 
 
