@@ -78,7 +78,8 @@ def test_global_then_tracking(pipeline, recording, specimen):
 
 def test_tracking_aligns_to_the_model_near_the_learned_region(method, specimen, recording,
                                                                 monkeypatch):
-    """Tracking's ICP aligns to the part of the model near the learned region (its search
+    """Tracking's nearest-neighbour ICP (``track_association="nearest"``; re-acquisition
+    always uses it) aligns to the part of the model near the learned region (its search
     tree is built on every call: a smaller target, a faster frame), with the same tracked
     poses as with the whole model as target."""
     import end2reg_ros.model.inference as inference
@@ -94,7 +95,7 @@ def test_tracking_aligns_to_the_model_near_the_learned_region(method, specimen, 
     poses = {}
     for margin in (12.0, 1e6):
         pipe = RegistrationPipeline(method, specimen, config=PipelineConfig(
-            track_target_margin_mm=margin))
+            track_target_margin_mm=margin, track_association="nearest"))
         assert pipe.process(recording[0]).valid
         sizes.clear()
         poses[margin] = [pipe.process(frame).estimate.cam_from_spine for frame in recording[1:]]
@@ -104,6 +105,30 @@ def test_tracking_aligns_to_the_model_near_the_learned_region(method, specimen, 
             assert set(sizes) == {len(pipe._dense)}
     for near, whole in zip(poses[12.0], poses[1e6]):
         np.testing.assert_allclose(near, whole, atol=1e-6)
+
+
+def test_tracking_pairs_along_camera_rays_by_default(pipeline, recording, specimen,
+                                                     monkeypatch):
+    """On the defaults a followed frame runs the projective ICP only: no k-d tree ICP (that
+    is for re-acquisition and the whole-model check), within 1.5 mm, with the paired scene
+    points as the estimate's points."""
+    assert pipeline.config.track_association == "projective"
+    assert pipeline.process(recording[0]).valid
+    calls = []
+    nearest = pipeline._icp_from
+    monkeypatch.setattr(pipeline, "_icp_from", lambda *a, **k: calls.append(a) or nearest(*a, **k))
+    for frame in recording[1:]:
+        result = pipeline.process(frame)
+        assert result.mode == "tracking" and result.valid, result.reason
+        assert _tre(result, frame, specimen) < 1.5
+        assert result.estimate.num_points >= 200
+        assert len(result.estimate.points_cam) >= result.estimate.num_points
+    assert not calls
+
+
+def test_unknown_track_association_is_a_clear_error(method, specimen):
+    with pytest.raises(ValueError, match="track_association"):
+        RegistrationPipeline(method, specimen, config=PipelineConfig(track_association="ray"))
 
 
 def _beyond_reacquire_ns(pipeline) -> int:
@@ -151,17 +176,20 @@ def test_hidden_spine_is_reacquired_from_the_last_verified_pose(pipeline, record
     assert _tre(back, recording[2], specimen) < 1.5
 
 
+@pytest.mark.parametrize("association", ["nearest", "projective"])
 @pytest.mark.parametrize("guarded", [True, False])
 def test_a_tracked_jump_is_held_back_and_checked_against_the_whole_model(
-        method, specimen, recording, guarded):
-    """The prediction is 5 mm off (the camera jerked): tracking's ICP on the learned region
-    settles about 4 mm off along the surface and still verifies. With the hold and the check
-    the jump is held back, the whole model's ICP pulls the pose in, and the next frame
-    publishes; without them that pose is published. (The global registration of frame 0
-    here is without the dense final ICP: from the final ICP's pose the same jerk leaves
-    tracking's pose 4.1 mm off where the verification refuses it, confidence 0.05; see the
-    next test.)"""
-    config = PipelineConfig(final_icp_distances_mm=())
+        method, specimen, recording, guarded, association):
+    """The prediction is 5 mm off (the camera jerked): the nearest-neighbour ICP on the
+    learned region settles about 4 mm off along the surface and still verifies. With the
+    hold and the check the jump is held back, the whole model's ICP pulls the pose in, and
+    the next frame publishes; without them that pose is published. Projective tracking (the
+    default) comes back to the surface from the same jerk: held back with the guards (it
+    moved more than ``hold_motion_mm``), right without them. (The global registration of
+    frame 0 here is without the dense final ICP: from the final ICP's pose the same jerk
+    leaves the nearest-neighbour pose 4.1 mm off where the verification refuses it,
+    confidence 0.05; see the next test.)"""
+    config = PipelineConfig(final_icp_distances_mm=(), track_association=association)
     if not guarded:
         config = dataclasses.replace(config, hold_motion_mm=math.inf, track_check_every=0)
     pipe = RegistrationPipeline(method, specimen, config=config)
@@ -177,8 +205,10 @@ def test_a_tracked_jump_is_held_back_and_checked_against_the_whole_model(
         following = pipe.process(recording[2])
         assert following.mode == "tracking" and following.valid, following.reason
         assert _tre(following, recording[2], specimen) < 1.5
-    else:
+    elif association == "nearest":
         assert jumped.valid and _tre(jumped, recording[1], specimen) > 2.0
+    else:
+        assert jumped.valid and _tre(jumped, recording[1], specimen) < 1.5
 
 
 def test_a_tracked_jump_is_not_published_on_the_defaults(method, specimen, recording):
