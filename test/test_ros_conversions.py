@@ -43,6 +43,7 @@ def test_colour_encodings_become_rgb8(conv, encoding):
     msg = conv.numpy_to_image(src, encoding, STAMP, FRAME)
     out = conv.image_to_rgb(msg)
     assert out.dtype == np.uint8 and out.shape == (6, 5, 3)
+    assert out.flags.c_contiguous and out.flags.owndata  # a copy, not the message's buffer
     np.testing.assert_array_equal(out, expected)
 
 

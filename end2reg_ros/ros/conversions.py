@@ -97,7 +97,12 @@ def image_to_rgb(msg: Image) -> np.ndarray:
         )
     channels, kind, order = COLOR_ENCODINGS[msg.encoding]
     arr = _image_array(msg, channels, kind)
-    return np.ascontiguousarray(arr[:, :, list(order)])
+    # one copy per channel (the fancy index arr[:, :, order] took ~4 ms at 640x480, on
+    # every frame of the 30 Hz node); always a copy, never a view of the message's buffer
+    out = np.empty(arr.shape[:2] + (3,), dtype=arr.dtype)
+    for i, channel in enumerate(order):
+        out[:, :, i] = arr[:, :, channel]
+    return out
 
 
 def depth_to_mm(msg: Image) -> tuple[np.ndarray, int]:

@@ -280,7 +280,7 @@ def measure(args, bag: Path, log_dir: Path) -> tuple[Received, bool, float | Non
         row = {"stamp_ns": stamp_to_ns(msg.header.stamp), "arrival": arrival,
                "valid": bool(msg.valid), "pose": transform_to_pose(msg.transform),
                "mode": result_mode(stages), "processing_ms": float(msg.processing_ms),
-               "reason": msg.reason}
+               "stages": stages, "reason": msg.reason}
         with data.lock:
             data.results.append(row)
 
@@ -561,6 +561,11 @@ def summarise(args, folder: Path, data: Received, replay_start: float | None, fu
         "latency_valid_p50_ms": float(np.percentile(latencies_valid, 50)) if latencies_valid
         else None,
         "processing_p50_ms": _median([r["processing_ms"] for r in measured]),
+        # per stage (ms, the node's own timing: input conversion, the pipeline's stages,
+        # publishing), over the frames that list it
+        "stage_p50_ms": {stage: _median([r["stages"][stage] for r in measured
+                                         if stage in r.get("stages", {})])
+                         for stage in sorted({k for r in measured for k in r.get("stages", {})})},
         "processed_share": len(measured) / n_pub if n_pub else None,
         "node_colour_received_total": received,
         "dropped_stale_total": dropped,
@@ -600,6 +605,8 @@ def print_table(s: dict) -> None:
         ("frame-to-result latency p50 / p95",
          f"{_fmt(s['latency_p50_ms'], '.0f')} / {_fmt(s['latency_p95_ms'], '.0f')} ms"),
         ("processing p50", _fmt(s["processing_p50_ms"], ".1f", " ms")),
+        ("  per stage, p50", ", ".join(f"{k} {v:.1f}" for k, v in
+                                      s.get("stage_p50_ms", {}).items() if v is not None)),
         ("frames processed (of published) / dropped (of received by the node)",
          f"{_fmt(s['processed_share'] and 100 * s['processed_share'], '.0f', ' %')} / "
          f"{_fmt(s['dropped_share'] and 100 * s['dropped_share'], '.0f', ' %')}"),
