@@ -230,19 +230,22 @@ class PipelineConfig:
     #: ``track_icp_iterations``; the default until 2026-12). Re-acquisition (from a stale
     #: pose), its wide second try and the whole-model check stay "nearest". On five 30 Hz
     #: recordings (offline, every frame, the node's gate) projective tracking published more
-    #: (1020 of 1020 frames against 912), closer (median 0.43-0.69 against 0.65-0.98 mm;
-    #: none above 2 mm against 6 of 912) at 19-23 ms per frame against 46-86 ms (two
+    #: (1020 of 1020 frames against 912), closer (median 0.44-0.70 against 0.65-0.98 mm;
+    #: none above 2 mm against 6 of 912) at 14-15 ms per frame against 46-86 ms (two
     #: evaluations sharing the 2 cores); after 76 jerks of the prediction by 5 mm (4
-    #: recordings, 5 frames each) none of its 295 published poses was above 2 mm (nearest:
+    #: recordings, 5 frames each) none of its 297 published poses was above 2 mm (nearest:
     #: 4 of 264, up to 3.6 mm).
     track_association: str = "projective"
     #: projective tracking: correspondence distances (coarse to fine, mm) and most steps per
     #: distance. The 1.5 mm stage leaves out the tissue next to the bone that the 3 mm window
     #: still pairs: on five 30 Hz recordings (four of 180 frames, two surgical and two wide,
     #: and benchmark-node's 300) it moved the tracked median TRE 0.56-0.90 -> 0.43-0.69 mm
-    #: for ~5 ms more per frame; 8 steps tracked as well as 15.
+    #: for ~5 ms more per frame. Its steps do not settle below ~0.01-0.1 mm (the pairs
+    #: change from pixel to pixel), so every distance runs all its steps: 5 tracked as well
+    #: as 8 (median TRE within 0.02 mm on each of the five, none above 2 mm either way) at
+    #: 14-15 instead of 19-20 ms; 4 also (12-14 ms), 15 no better.
     track_projective_distances_mm: tuple[float, ...] = (6.0, 3.0, 1.5)
-    track_projective_iterations: int = 8
+    track_projective_iterations: int = 5
     #: tracking's ICP aligns to the dense model points within this distance (mm) of the
     #: learned region (its source points lie within ``track_icp_distances_mm[0]`` of it)
     track_target_margin_mm: float = 12.0
