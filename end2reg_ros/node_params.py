@@ -164,8 +164,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "the model in the exposure; < 0 = computed from the model (ray casting from "
               "above)", _finite),
     ParamSpec("tracking", "bool", True, "",
-              "after a verified pose, follow it from frame to frame (ICP on the learned mask, "
-              "verified every frame) instead of a global registration per frame"),
+              "after a verified pose, follow it from frame to frame (projective ICP of the "
+              "model part the learned mask chose, verified every frame) instead of a global "
+              "registration per frame"),
     ParamSpec("calibration_file", "string", "", "",
               "confidence calibration JSON (`end2reg calibrate`); empty = the bundled one",
               _existing_file_or_empty),
