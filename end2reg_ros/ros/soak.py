@@ -433,6 +433,14 @@ def full_registration(folder: Path, args) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
+def stage_medians(results: list[dict]) -> dict[str, float]:
+    """Median time (ms) of each stage the node lists in its results (input conversion, the
+    pipeline's stages, publishing), over the results that list it, by stage name."""
+    names = sorted({name for row in results for name in row.get("stages", {})})
+    return {name: float(np.median([row["stages"][name] for row in results
+                                   if name in row.get("stages", {})])) for name in names}
+
+
 def _median(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.median(values)) if values else None
@@ -561,11 +569,7 @@ def summarise(args, folder: Path, data: Received, replay_start: float | None, fu
         "latency_valid_p50_ms": float(np.percentile(latencies_valid, 50)) if latencies_valid
         else None,
         "processing_p50_ms": _median([r["processing_ms"] for r in measured]),
-        # per stage (ms, the node's own timing: input conversion, the pipeline's stages,
-        # publishing), over the frames that list it
-        "stage_p50_ms": {stage: _median([r["stages"][stage] for r in measured
-                                         if stage in r.get("stages", {})])
-                         for stage in sorted({k for r in measured for k in r.get("stages", {})})},
+        "stage_p50_ms": stage_medians(measured),
         "processed_share": len(measured) / n_pub if n_pub else None,
         "node_colour_received_total": received,
         "dropped_stale_total": dropped,
