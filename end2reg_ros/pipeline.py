@@ -303,6 +303,8 @@ class PipelineConfig:
     #: tracked from the start-up registration 26 frames (0.87 s) earlier, tracking's ICP
     #: verified it; offline, global at frame 0 and tracking from frame 16-44 (15 cases):
     #: one such pose published without the check, none with it.
+    #: (Those figures are the k-d tree ICP's, tracking's until 2026-12. The projective ICP's
+    #: jerk figures under ``track_association`` were measured with the hold and the check on.)
     track_check_every: int = 30
     track_check_mm: float = 1.5
     #: refined hypotheses closer than this (mm, at the target points) support each other
