@@ -240,7 +240,7 @@ class PipelineConfig:
     #: distance. The 1.5 mm stage leaves out the tissue next to the bone that the 3 mm window
     #: still pairs: on five 30 Hz recordings (four of 180 frames, two surgical and two wide,
     #: and benchmark-node's 300) it moved the tracked median TRE 0.56-0.90 -> 0.43-0.69 mm
-    #: for ~5 ms more per frame. Its steps do not settle below ~0.01-0.1 mm (the pairs
+    #: (8 steps each) for ~5 ms more per frame. Its steps do not settle below ~0.01-0.1 mm (the pairs
     #: change from pixel to pixel), so every distance runs all its steps: 5 tracked as well
     #: as 8 (median TRE within 0.02 mm on each of the five, none above 2 mm either way) at
     #: 14-15 instead of 19-20 ms; 4 also (12-14 ms), 15 no better.
@@ -553,6 +553,8 @@ class RegistrationPipeline:
         self._dense, self._dense_normals = self._dense_surface()
         self._dense_tree = cKDTree(self._dense)
         self._dense_outward: np.ndarray | None = None  # see _outward_dense
+        if self.config.tracking and self.config.track_association == "projective":
+            self._outward_dense()  # ~40 ms: here, not in the first registration's frame
         self._level_step = _level_step(specimen)
         self._centre = _model_centre(specimen)
         self.reset()
