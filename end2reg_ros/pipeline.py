@@ -1211,9 +1211,9 @@ class RegistrationPipeline:
         else:
             points, normals = self._dense[region_index], self._outward_dense()[region_index]
         if len(points) > self.config.track_max_points:
-            pick = np.random.default_rng(0).choice(len(points), self.config.track_max_points,
-                                                   replace=False)
-            points, normals = points[np.sort(pick)], normals[np.sort(pick)]
+            pick = np.sort(np.random.default_rng(0).choice(
+                len(points), self.config.track_max_points, replace=False))
+            points, normals = points[pick], normals[pick]
         return np.asarray(points, np.float64), np.asarray(normals, np.float64)
 
     def _outward_dense(self) -> np.ndarray:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from end2reg_ros.camera import CameraIntrinsics
+from end2reg_ros.registration.depth_check import pixel_lookup
 
 
 @dataclass
@@ -84,14 +85,8 @@ class DepthImage:
         where the point is behind the camera, outside the image or on a pixel without
         depth (its scene point is then meaningless)."""
         cam = self.camera
-        z = points_cam[:, 2]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            u = np.rint(cam.fx * points_cam[:, 0] / z + cam.cx)
-            v = np.rint(cam.fy * points_cam[:, 1] / z + cam.cy)
-        inside = (z > 1.0) & (u >= 0) & (u < cam.width) & (v >= 0) & (v < cam.height)
-        u = np.where(inside, u, 0.0)
-        v = np.where(inside, v, 0.0)
-        flat = (v * cam.width + u).astype(np.intp)
+        flat, inside = pixel_lookup(cam, points_cam)
+        v, u = np.divmod(flat, cam.width)
         depth = self.depth[flat]
         valid = inside & (depth > 0)
         scene = np.empty_like(points_cam, dtype=np.float64)
