@@ -167,6 +167,17 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "after a verified pose, follow it from frame to frame (projective ICP of the "
               "model part the learned mask chose, verified every frame) instead of a global "
               "registration per frame"),
+    ParamSpec("catch_up_frames", "int", 16, "frames",
+              "input frames kept (one every catch_up_spacing) while a global registration "
+              "runs; when its pose verifies, tracking catches up through them to the newest "
+              "frame (a global registration takes 1.5-4 s on a 2-core CPU: without them the "
+              "spine has moved too far to re-acquire); 0 = off",
+              lambda v: None if 0 <= v <= 100 else "must be in [0, 100]"),
+    ParamSpec("catch_up_spacing", "double", 0.25, "s",
+              "stamp time between the frames kept for catching up (at most 0.5 s, "
+              "tracking's largest gap between frames)",
+              lambda v: None if math.isfinite(v) and 0.01 <= v <= 0.5
+              else "must be in [0.01, 0.5]"),
     ParamSpec("calibration_file", "string", "", "",
               "confidence calibration JSON (`end2reg calibrate`); empty = the bundled one",
               _existing_file_or_empty),

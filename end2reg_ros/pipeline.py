@@ -830,17 +830,32 @@ class RegistrationPipeline:
             transform_points(a, self._targets) - transform_points(b, self._targets), axis=1)))
 
     # ------------------------------------------------------------------ global
+    def verified_at(self, stamp_ns: int) -> bool:
+        """The frame stamped ``stamp_ns`` was the last to verify (its pose published, or too
+        old to publish) and later frames may re-acquire from its pose: what the node's
+        catch-up after a slow global registration starts from."""
+        return (self.config.tracking and self.anchor_pose is not None
+                and self.anchor_stamp_ns == int(stamp_ns))
+
+    def can_reacquire(self, stamp_ns: int) -> bool:
+        """A frame stamped ``stamp_ns`` would track or re-acquire from the last verified
+        pose, not run the global search (:meth:`_recently_verified`)."""
+        return self._recently_verified_at(int(stamp_ns))
+
     def _recently_verified(self, frame: Frame) -> bool:
-        """A verified pose exists (tracking on), ``frame`` is not older than it and was
-        taken at most ``reacquire_s`` after the pose was ready: the spine was just lost (or
+        return self._recently_verified_at(frame.stamp_ns)
+
+    def _recently_verified_at(self, stamp_ns: int) -> bool:
+        """A verified pose exists (tracking on), the frame stamped ``stamp_ns`` is not older
+        than it and was taken at most ``reacquire_s`` after the pose was ready: the spine was just lost (or
         the registration was slow), and the next frames re-acquire from that pose. A frame
         taken while a slow registration ran (stamped between the pose's frame and its
         result, the latest one when it ended) is in the window too."""
         if not self.config.tracking or self.anchor_pose is None or self.anchor_stamp_ns is None:
             return False
-        if frame.stamp_ns < self.anchor_stamp_ns:
+        if stamp_ns < self.anchor_stamp_ns:
             return False
-        return (frame.stamp_ns - self.anchor_ready_ns) * 1e-9 <= self.config.reacquire_s
+        return (stamp_ns - self.anchor_ready_ns) * 1e-9 <= self.config.reacquire_s
 
     def _global(self, frame: Frame, stages: dict[str, float]):
         """Global registration: ``(estimate, features)``. A frame taken just after the spine

@@ -22,6 +22,7 @@ pytestmark = [requires_rclpy, pytest.mark.timeout(60)]
 FRAME_ID = "camera_color_optical_frame"
 CAMERA = CameraIntrinsics(64, 48, 40.0, 40.0, 31.5, 23.5)
 POSE = make_pose(NOMINAL_CAM_FROM_SPINE_ROTATION, [5.0, -3.0, 330.0])
+T0 = 1_000_000_000  # ns: the first frame's stamp in the catch-up tests
 
 
 class ScriptedMethod:
@@ -135,6 +136,65 @@ def test_worker_takes_the_latest_frame_and_counts_dropped_ones(node):
     assert method.stamps == [stamps[0], stamps[-1]]
     assert node.counters.sets_in == 4 and node.counters.dropped_stale == 2
     assert node.counters.processed == 2
+
+
+def _slow_global_then_frames(node, method, stamps_ms):
+    """Frame 0 (stamp T0 = 1 s) blocks the worker (a slow global registration) while the
+    sets at T0 + ``stamps_ms`` arrive; then it finishes. Returns the stamps (ns) of those."""
+    msgs, _ = frame_msgs(node, T0)
+    node._on_synced(*msgs)
+    assert method.started.wait(10.0)
+    stamps = []
+    for ms in stamps_ms:
+        msgs, s = frame_msgs(node, T0 + ms * 1_000_000)
+        stamps.append(s)
+        node._on_synced(*msgs)
+    method.release.set()
+    return stamps
+
+
+@pytest.mark.parametrize("verified", [True, False])
+def test_after_a_slow_verified_global_registration_the_worker_catches_up(node, verified):
+    """Sets kept every catch_up_spacing (0.25 s) while the registration of frame 0 ran go
+    through the pipeline, oldest first, before the newest one; only when frame 0's pose
+    verified (otherwise the newest set follows directly, as before)."""
+    method = use_method(node, ScriptedMethod(block=True))
+    node.pipeline.verified_at = lambda stamp_ns: verified and stamp_ns == T0
+    node.pipeline.can_reacquire = lambda stamp_ns: True
+    stamps = _slow_global_then_frames(node, method, range(100, 2100, 100))  # 0.1 ... 2.0 s
+    expected = [T0] + ([T0 + s * 1_000_000 for s in (300, 600, 900, 1200, 1500, 1800)]
+                       if verified else []) + [stamps[-1]]
+    assert wait_for(lambda: node.counters.processed == len(expected))
+    time.sleep(0.2)  # nothing else may come
+    assert method.stamps == expected
+    assert node.counters.caught_up == len(expected) - 2
+    assert node.counters.dropped_stale == 19  # counted when replaced, caught up or not
+
+
+def test_catching_up_stops_where_the_pipeline_would_search_globally(node):
+    method = use_method(node, ScriptedMethod(block=True))
+    node.pipeline.verified_at = lambda stamp_ns: stamp_ns == T0
+    node.pipeline.can_reacquire = lambda stamp_ns: stamp_ns < T0 + 1_000_000_000  # < 1 s on
+    stamps = _slow_global_then_frames(node, method, range(100, 2100, 100))
+    assert wait_for(lambda: node.counters.processed == 5)
+    time.sleep(0.2)
+    assert method.stamps == [T0 + ms * 1_000_000 for ms in (0, 300, 600, 900)] + [stamps[-1]]
+
+
+def test_no_catching_up_without_tracking(rclpy_context):
+    n = _node_with(rclpy_context, tracking=False, max_age_s=30.0)
+    try:
+        assert n._catch_up.max_sets == 0
+        method = use_method(n, ScriptedMethod(block=True))
+        n.pipeline.verified_at = lambda stamp_ns: True
+        n.pipeline.can_reacquire = lambda stamp_ns: True
+        stamps = _slow_global_then_frames(n, method, range(100, 2100, 100))
+        assert wait_for(lambda: n.counters.processed == 2)
+        time.sleep(0.2)
+        assert method.stamps == [T0, stamps[-1]] and n.counters.caught_up == 0
+    finally:
+        n.stop_worker()
+        n.destroy_node()
 
 
 def test_valid_registration_sends_spine_and_vertebra_frames_with_the_input_stamp(node):

@@ -338,6 +338,27 @@ def test_a_slow_published_global_registration_is_followed_by_tracking(method, sp
     assert _tre(second, latest, specimen) < 1.5
 
 
+def test_what_the_node_catches_up_from(pipeline, recording, specimen):
+    """``verified_at`` / ``can_reacquire``, the node's catch-up after a slow global
+    registration: a pose too old to publish that verified is the start; frames taken after
+    it (within ``reacquire_s`` of when it was ready) track from it and carry it forward."""
+    first = recording[0]
+    assert not pipeline.verified_at(first.stamp_ns) and not pipeline.can_reacquire(first.stamp_ns)
+    ready = first.stamp_ns + int(3.0e9)  # a 3 s registration: too old for max_age_s 2 s
+    result = pipeline.process(first, now_ns=ready)
+    assert result.mode == "global" and not result.valid and "old" in result.reason
+    assert pipeline.verified_at(first.stamp_ns)
+    assert pipeline.can_reacquire(first.stamp_ns + 250_000_000)
+    assert not pipeline.can_reacquire(first.stamp_ns - 1)
+    window = int(pipeline.config.reacquire_s * 1e9)
+    assert pipeline.can_reacquire(ready + window) and not pipeline.can_reacquire(ready + window + 1)
+    kept = dataclasses.replace(recording[1], stamp_ns=first.stamp_ns + 250_000_000)
+    caught = pipeline.process(kept, now_ns=ready)  # still too old, but verified from there
+    assert caught.mode == "tracking" and "search" not in caught.stage_ms, caught.reason
+    assert pipeline.verified_at(kept.stamp_ns) and not pipeline.verified_at(first.stamp_ns)
+    assert _tre(caught, kept, specimen) < 1.5
+
+
 def test_stamp_going_backwards_is_rejected_without_losing_the_pose(pipeline, recording):
     assert pipeline.process(recording[1]).valid
     pose = pipeline.last_pose.copy()

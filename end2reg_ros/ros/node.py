@@ -68,6 +68,7 @@ from end2reg_ros.geometry import invert, transform_points
 from end2reg_ros.msg import RegistrationResult, StageLatency, VertebraPose
 from end2reg_ros.pipeline import PipelineConfig, RegistrationPipeline, posterior_surface_height
 from end2reg_ros.ros import conversions as conv
+from end2reg_ros.ros.catch_up import CatchUpBuffer
 from end2reg_ros.ros.signals import (
     ignore_stop_signals,
     init_without_signal_handlers,
@@ -171,6 +172,7 @@ class _Counters:
     gated: int = 0
     bad_input: int = 0
     dropped_stale: int = 0
+    caught_up: int = 0  # dropped sets processed after all, catching up (CatchUpBuffer)
     errors: int = 0
 
 
@@ -224,6 +226,9 @@ class End2RegNode(Node):
                          else self.p["bone_colour_file"] or None),
         )
         self.gate = self.pipeline.gate
+        #: input sets kept for catching up after a slow global registration
+        self._catch_up = CatchUpBuffer(self.p["catch_up_frames"] if self.p["tracking"] else 0,
+                                       self.p["catch_up_spacing"])
         log.info(f"model frame: {self._describe_model_frame()}")
         log.info(
             f"specimen {self.specimen.name!r} ({', '.join(self.specimen.levels)}), method "
@@ -317,6 +322,7 @@ class End2RegNode(Node):
 
     def _on_time_jump(self, jump) -> None:
         self.pipeline.reset()
+        self._catch_up.clear()
         self.get_logger().warning("ROS time jumped backwards or changed source (use_sim_time): "
                                   "stamp order check and tracking reset")
 
@@ -469,6 +475,7 @@ class End2RegNode(Node):
                 self._period_counters.dropped_stale += 1
             self._pending = (color, depth, info)
             self._cv.notify()
+        self._catch_up.offer(header_stamp_ns(color), (color, depth, info))
 
     def _check_sync(self) -> None:
         message = self.sync_monitor.check_stalled()
@@ -493,13 +500,35 @@ class End2RegNode(Node):
                     return
                 msgs, self._pending = self._pending, None
             try:
-                self.process(*msgs)
+                self._catch_up_after(header_stamp_ns(msgs[0]), self.process(*msgs))
             except Exception:  # noqa: BLE001 - the worker must survive anything
                 if self._stop:
                     return  # shutting down: publishers may already be gone, nothing to report
                 self.counters.errors += 1
                 self._warn("exception", "unexpected error while processing a frame:\n"
                            + traceback.format_exc())
+
+    def _catch_up_after(self, stamp_ns: int, outcome) -> None:
+        """After a global registration whose pose verified (published, or too old to
+        publish): the input sets kept while it ran (:class:`CatchUpBuffer`), oldest first,
+        each through :meth:`process` like any frame, so that tracking carries the pose
+        forward to the newest frame instead of searching globally again. Stops at the
+        waiting (newest) set, when the pipeline would no longer re-acquire from its last
+        verified pose, or when the node stops."""
+        if outcome is None or outcome.mode != "global" or not self.pipeline.verified_at(stamp_ns):
+            return
+        for kept_ns, msgs in self._catch_up.take_after(stamp_ns):
+            with self._lock:
+                if self._stop:
+                    return
+                newest = self._pending
+            if newest is not None and kept_ns >= header_stamp_ns(newest[0]):
+                return  # the newest set is next anyway
+            if not self.pipeline.can_reacquire(kept_ns):
+                return
+            with self._lock:
+                self.counters.caught_up += 1
+            self.process(*msgs)
 
     def stop_worker(self, timeout: float = 30.0) -> bool:
         """Stop the worker thread: it finishes the frame in progress (and publishes it) and
@@ -569,8 +598,9 @@ class End2RegNode(Node):
             frame_id=frame_id,
         )
 
-    def process(self, color_msg: Image, depth_msg: Image, info_msg: CameraInfo) -> None:
-        """Register one synchronised input set and publish the outputs (worker thread)."""
+    def process(self, color_msg: Image, depth_msg: Image, info_msg: CameraInfo):
+        """Register one synchronised input set and publish the outputs (worker thread).
+        Returns the pipeline's result, or None when the set was rejected before it."""
         header = color_msg.header
         stamp_ns = header_stamp_ns(color_msg)
         stages: dict[str, float] = {}
@@ -578,13 +608,13 @@ class End2RegNode(Node):
         ok, reason = self.gate.check_stamp(stamp_ns)
         if not ok:
             self._reject(header, "stamp", f"input rejected: {reason}", stages)
-            return
+            return None
         try:
             frame = self._to_frame(color_msg, depth_msg, info_msg)
         except BadInputError as err:
             stages["input"] = 1e3 * (time.perf_counter() - t0)
             self._reject(header, err.key, f"input rejected: {err.reason}", stages)
-            return
+            return None
         stages["input"] = 1e3 * (time.perf_counter() - t0)
 
         def now() -> int | None:  # use_sim_time and no /clock yet: the age cannot be known
@@ -599,11 +629,11 @@ class End2RegNode(Node):
             self._reject(header, "register", f"registration failed: {err}", stages,
                          bad_input=False)
             self.pipeline.reset()
-            return
+            return None
         stages.update(outcome.stage_ms)
         if outcome.estimate is None:  # nothing to register (no usable depth, ...)
             self._reject(header, "init", outcome.reason, stages)
-            return
+            return outcome
         estimate, valid, reason = outcome.estimate, outcome.valid, outcome.reason
         self._last_mode = outcome.mode
         t_pub = time.perf_counter()
@@ -651,6 +681,7 @@ class End2RegNode(Node):
             self._last_residual = float(estimate.residual_mm)
             self._last_reason = "ok" if valid else reason
             self._last_valid = valid
+        return outcome
 
     def _vertebra_poses(self, estimate: RegistrationEstimate) -> list[tuple[str, str, np.ndarray]]:
         """(level, child frame, ``cam_from_user`` of that vertebra, mm) of the per-vertebra
@@ -765,6 +796,7 @@ class End2RegNode(Node):
             "processed rate (Hz)": f"{period.processed / dt:.2f}",
             "valid output rate (Hz)": f"{period.valid / dt:.2f}",
             "dropped stale frames (total)": str(total.dropped_stale),
+            "of them processed later, catching up (total)": str(total.caught_up),
             "bad input frames (total)": str(total.bad_input),
             "gated frames (total)": str(total.gated),
             "processing errors (total)": str(total.errors),
