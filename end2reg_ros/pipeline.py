@@ -645,8 +645,12 @@ class RegistrationPipeline:
         confidence, level_margin, valid, reason = self._judge(frame, estimate, features, mode, now)
         stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
         brought_in = False
-        if not valid and reacquiring and self.config.reacquire_icp_distances_mm:
+        if not valid and reacquiring and self.config.reacquire_icp_distances_mm \
+                and not self._content_ok(estimate, confidence, level_margin, features, mode):
             # the camera may have moved further than tracking's windows: once more, from wide
+            # (not when only the frame's age refused it: the node catching up through frames
+            # kept while a slow registration ran, :meth:`can_reacquire`, spent ~130 ms of
+            # wide ICP per frame on poses that had verified)
             wide_estimate, wide_features = self._track(frame, stages, True, wide=True)
             if wide_estimate is not None:
                 judged = self._judge(frame, wide_estimate, wide_features, mode, now)
@@ -695,11 +699,8 @@ class RegistrationPipeline:
                 self._held = True
         else:
             self._lose()
-            content_ok, _ = self.gate.check_content(
-                estimate.cam_from_spine, confidence, float(estimate.residual_mm),
-                int(estimate.num_points), level_margin)
-            content_ok = content_ok and not self._unreproduced(features, mode)
-            if content_ok and self.config.tracking:
+            if self.config.tracking and self._content_ok(estimate, confidence, level_margin,
+                                                         features, mode):
                 # verified but too old to publish (a slow global registration): never
                 # published, only the start for re-acquiring on the next frames
                 self.anchor_pose = estimate.cam_from_spine.copy()
@@ -745,6 +746,15 @@ class RegistrationPipeline:
                                     f"search's hypotheses reproduced (support 0){checked}: "
                                     "refused")
         return confidence, level_margin, valid, reason
+
+    def _content_ok(self, estimate: RegistrationEstimate, confidence: float,
+                    level_margin: float | None, features: dict[str, float], mode: str) -> bool:
+        """The gate's checks of the registration itself passed (all but the frame's stamp
+        and age): the pose verified, whether or not it could be published."""
+        ok, _ = self.gate.check_content(
+            estimate.cam_from_spine, confidence, float(estimate.residual_mm),
+            int(estimate.num_points), level_margin)
+        return ok and not self._unreproduced(features, mode)
 
     def _unreproduced(self, features: dict[str, float], mode: str) -> bool:
         """A global result whose first pass was weak (``rivals_below_score``) and which no

@@ -26,8 +26,11 @@ def test_take_after_returns_newer_sets_oldest_first_and_empties_the_buffer():
         assert buf.offer(s * MS, s)
     assert [item for _, item in buf.take_after(250 * MS)] == [500, 750]
     assert len(buf) == 0 and buf.take_after(0) == []
-    # kept anew after a take: spacing counts from the last set kept, not the last taken
-    assert buf.offer(1000 * MS, 1000) and not buf.offer(1100 * MS, 1100)
+    # the spacing still counts from the last set kept, taken out or not
+    assert not buf.offer(900 * MS, 900) and buf.offer(1000 * MS, 1000)
+    assert not buf.offer(1100 * MS, 1100)
+    buf.clear()  # forgets that too
+    assert buf.offer(1150 * MS, 1150)
 
 
 def test_time_going_back_starts_afresh():

@@ -181,6 +181,36 @@ def test_catching_up_stops_where_the_pipeline_would_search_globally(node):
     assert method.stamps == [T0 + ms * 1_000_000 for ms in (0, 300, 600, 900)] + [stamps[-1]]
 
 
+def test_sets_kept_while_catching_up_are_caught_up_too(node):
+    """Catching up takes time, during which the stream goes on: the sets kept meanwhile
+    follow in a next round, before the newest."""
+    method = use_method(node, ScriptedMethod(block=True))
+    node.pipeline.verified_at = lambda stamp_ns: stamp_ns == T0
+    node.pipeline.can_reacquire = lambda stamp_ns: True
+    more = iter(range(1300, 2300, 100))  # stamps (ms after T0) arriving while catching up
+    register = method.register
+
+    def register_and_stream(frame, init):
+        out = register(frame, init)
+        if T0 < frame.stamp_ns < T0 + 1_300_000_000:  # a kept set: two more sets arrive
+            for _ in range(2):
+                ms = next(more, None)
+                if ms is not None:
+                    node._on_synced(*frame_msgs(node, T0 + ms * 1_000_000)[0])
+        return out
+
+    method.register = register_and_stream
+    stamps = _slow_global_then_frames(node, method, range(100, 1300, 100))
+    assert wait_for(lambda: node.counters.processed == 8)
+    time.sleep(0.3)
+    got_ms = [(s - T0) // 1_000_000 for s in method.stamps]
+    # first round: 300, 600, 900, 1200 (kept while frame 0 ran); 1300-2000 arrive during it
+    # (kept: 1500, 1800), the newest 2000 is the waiting set and comes last
+    assert got_ms[:5] == [0, 300, 600, 900, 1200], got_ms
+    assert got_ms[5:] == [1500, 1800, 2000], got_ms
+    assert stamps[-1] == T0 + 1_200_000_000
+
+
 def test_no_catching_up_without_tracking(rclpy_context):
     n = _node_with(rclpy_context, tracking=False, max_age_s=30.0)
     try:

@@ -353,10 +353,16 @@ def test_what_the_node_catches_up_from(pipeline, recording, specimen):
     window = int(pipeline.config.reacquire_s * 1e9)
     assert pipeline.can_reacquire(ready + window) and not pipeline.can_reacquire(ready + window + 1)
     kept = dataclasses.replace(recording[1], stamp_ns=first.stamp_ns + 250_000_000)
+    wide = []
+    track = pipeline._track
+    pipeline._track = lambda *a, **k: wide.append(k.get("wide", False)) or track(*a, **k)
     caught = pipeline.process(kept, now_ns=ready)  # still too old, but verified from there
     assert caught.mode == "tracking" and "search" not in caught.stage_ms, caught.reason
+    assert not caught.valid and "old" in caught.reason
     assert pipeline.verified_at(kept.stamp_ns) and not pipeline.verified_at(first.stamp_ns)
     assert _tre(caught, kept, specimen) < 1.5
+    # refused only for its age: no second, wide try (it could not be published either)
+    assert wide == [False]
 
 
 def test_stamp_going_backwards_is_rejected_without_losing_the_pose(pipeline, recording):

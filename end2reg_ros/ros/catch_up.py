@@ -39,23 +39,25 @@ class CatchUpBuffer:
         self.max_sets = int(max_sets)
         self.spacing_ns = int(round(spacing_s * 1e9))
         self._items: deque[tuple[int, Any]] = deque(maxlen=max(self.max_sets, 1))
+        self._last_kept_ns: int | None = None  # also after the worker took the items
         self._lock = threading.Lock()
 
     def offer(self, stamp_ns: int, item: Any) -> bool:
-        """Keep ``item`` when it was taken at least ``spacing_s`` after the last one kept
-        (an older or equal stamp, e.g. after a replay restarted, starts afresh). Returns
-        whether it was kept."""
+        """Keep ``item`` when it was taken at least ``spacing_s`` after the last one kept,
+        whether or not that one was taken out since (an older or equal stamp, e.g. after a
+        replay restarted, starts afresh). Returns whether it was kept."""
         if self.max_sets == 0:
             return False
         stamp_ns = int(stamp_ns)
         with self._lock:
-            if self._items:
-                last = self._items[-1][0]
+            last = self._last_kept_ns
+            if last is not None:
                 if stamp_ns <= last:
                     self._items.clear()  # time went back: what was kept is of another run
                 elif stamp_ns - last < self.spacing_ns:
                     return False
             self._items.append((stamp_ns, item))
+            self._last_kept_ns = stamp_ns
             return True
 
     def take_after(self, stamp_ns: int) -> list[tuple[int, Any]]:
@@ -69,6 +71,7 @@ class CatchUpBuffer:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._last_kept_ns = None
 
     def __len__(self) -> int:
         with self._lock:

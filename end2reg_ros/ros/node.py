@@ -161,6 +161,12 @@ def resolve_device(device: str) -> str:
         return "cpu"
 
 
+#: rounds of catching up after a slow global registration: each takes the sets kept since the
+#: last one processed (a round takes ~50 ms a set against 250 ms of stream between them, so
+#: each round is a fraction of the one before)
+CATCH_UP_ROUNDS = 4
+
+
 # ----------------------------------------------------------------------------- statistics
 
 
@@ -517,18 +523,24 @@ class End2RegNode(Node):
         verified pose, or when the node stops."""
         if outcome is None or outcome.mode != "global" or not self.pipeline.verified_at(stamp_ns):
             return
-        for kept_ns, msgs in self._catch_up.take_after(stamp_ns):
-            with self._lock:
-                if self._stop:
-                    return
-                newest = self._pending
-            if newest is not None and kept_ns >= header_stamp_ns(newest[0]):
-                return  # the newest set is next anyway
-            if not self.pipeline.can_reacquire(kept_ns):
+        last_ns = stamp_ns
+        for _ in range(CATCH_UP_ROUNDS):  # sets kept while catching up come in the next round
+            kept = self._catch_up.take_after(last_ns)
+            if not kept:
                 return
-            with self._lock:
-                self.counters.caught_up += 1
-            self.process(*msgs)
+            for kept_ns, msgs in kept:
+                with self._lock:
+                    if self._stop:
+                        return
+                    newest = self._pending
+                if newest is not None and kept_ns >= header_stamp_ns(newest[0]):
+                    return  # the newest set is next anyway
+                if not self.pipeline.can_reacquire(kept_ns):
+                    return
+                with self._lock:
+                    self.counters.caught_up += 1
+                self.process(*msgs)
+                last_ns = kept_ns
 
     def stop_worker(self, timeout: float = 30.0) -> bool:
         """Stop the worker thread: it finishes the frame in progress (and publishes it) and
