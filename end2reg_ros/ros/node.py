@@ -528,7 +528,9 @@ class End2RegNode(Node):
             kept = self._catch_up.take_after(last_ns)
             if not kept:
                 return
-            for kept_ns, msgs in kept:
+            kept.reverse()
+            while kept:  # each set let go once processed: the buffer refills meanwhile
+                kept_ns, msgs = kept.pop()
                 with self._lock:
                     if self._stop:
                         return
