@@ -615,13 +615,13 @@ class RegistrationPipeline:
             gap_s = (frame.stamp_ns - self.last_stamp_ns) * 1e-9
             if gap_s > self.config.track_max_gap_s:
                 mode = "global"
-        if mode == "global" and self._recently_verified(frame):
+        if mode == "global" and self.can_reacquire(frame.stamp_ns):
             mode, reacquiring = "tracking", True
         stages: dict[str, float] = {}
         try:
             if mode == "tracking":
                 estimate, features = self._track(frame, stages, reacquiring)
-                if estimate is None and (reacquiring or self._recently_verified(frame)):
+                if estimate is None and (reacquiring or self.can_reacquire(frame.stamp_ns)):
                     # nothing where the spine was (a hand, a drape): refused, and the next
                     # frames re-acquire from the last verified pose for ``reacquire_s``
                     # before the global search takes over. A global search now (1-3 s on
@@ -848,21 +848,16 @@ class RegistrationPipeline:
                 and self.anchor_stamp_ns == int(stamp_ns))
 
     def can_reacquire(self, stamp_ns: int) -> bool:
-        """A frame stamped ``stamp_ns`` would track or re-acquire from the last verified
-        pose, not run the global search (:meth:`_recently_verified`)."""
-        return self._recently_verified_at(int(stamp_ns))
-
-    def _recently_verified(self, frame: Frame) -> bool:
-        return self._recently_verified_at(frame.stamp_ns)
-
-    def _recently_verified_at(self, stamp_ns: int) -> bool:
-        """A verified pose exists (tracking on), the frame stamped ``stamp_ns`` is not older
-        than it and was taken at most ``reacquire_s`` after the pose was ready: the spine was just lost (or
-        the registration was slow), and the next frames re-acquire from that pose. A frame
-        taken while a slow registration ran (stamped between the pose's frame and its
-        result, the latest one when it ended) is in the window too."""
+        """A frame stamped ``stamp_ns`` would track or re-acquire from the last verified pose,
+        not run the global search: a verified pose exists (tracking on), the frame is not
+        older than it and was taken at most ``reacquire_s`` after the pose was ready. The
+        spine was just lost (or the registration was slow), and the next frames re-acquire
+        from that pose. A frame taken while a slow registration ran (stamped between the
+        pose's frame and its result, the latest one when it ended) is in the window too; so
+        are the frames the node kept meanwhile to catch up through."""
         if not self.config.tracking or self.anchor_pose is None or self.anchor_stamp_ns is None:
             return False
+        stamp_ns = int(stamp_ns)
         if stamp_ns < self.anchor_stamp_ns:
             return False
         return (stamp_ns - self.anchor_ready_ns) * 1e-9 <= self.config.reacquire_s
