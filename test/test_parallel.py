@@ -1,0 +1,58 @@
+"""parallel_map: the pieces of one global registration side by side, results as in one thread."""
+
+import threading
+
+import pytest
+
+from end2reg_ros.parallel import parallel_map
+
+
+def test_results_come_back_in_input_order():
+    items = list(range(25))
+    assert parallel_map(lambda x: x * x, items, 3) == [x * x for x in items]
+    assert parallel_map(lambda x: x, [], 2) == []
+
+
+def test_pieces_run_side_by_side():
+    """Two pieces wait for each other: they can only both finish when two threads run them
+    at once (one after the other, the barrier times out and breaks)."""
+    barrier = threading.Barrier(2, timeout=20.0)
+
+    def piece(x):
+        barrier.wait()
+        return threading.get_ident()
+
+    idents = parallel_map(piece, [0, 1], 2)
+    assert len(set(idents)) == 2
+    assert threading.get_ident() in idents  # the calling thread takes its share
+
+
+def test_one_worker_runs_in_the_calling_thread():
+    caller = threading.get_ident()
+    assert parallel_map(lambda _: threading.get_ident(), range(4), 1) == [caller] * 4
+
+
+def test_a_piece_that_maps_again_runs_its_items_itself():
+    """Nested calls run inline (no helper waits on a helper: no deadlock)."""
+    def outer(x):
+        me = threading.get_ident()
+        inner = parallel_map(lambda y: (threading.get_ident(), x + y), range(5), 2)
+        assert {ident for ident, _ in inner} == {me}
+        return [value for _, value in inner]
+
+    assert parallel_map(outer, [0, 10, 20], 2) == [[x + y for y in range(5)] for x in (0, 10, 20)]
+
+
+def test_an_error_is_raised_after_every_thread_stopped():
+    running = []
+
+    def piece(x):
+        running.append(x)
+        if x in (3, 5):
+            raise ValueError(f"piece {x}")
+        return x
+
+    with pytest.raises(ValueError, match="piece 3"):
+        parallel_map(piece, range(8), 2)
+    # the pool is usable afterwards
+    assert parallel_map(lambda x: x + 1, range(6), 2) == [1, 2, 3, 4, 5, 6]
