@@ -505,3 +505,23 @@ def test_searches_of_one_frame_share_their_refined_pool(scene, surgical_frame, m
             assert x.score == y.score and x.roll_deg == y.roll_deg
     propose_initial_poses(*args, dataclasses.replace(base, pool_size=80), pool_cache=cache)
     assert len(calls) == 4 and len(cache) == 2
+
+
+def test_the_search_finds_the_same_poses_on_any_number_of_threads(scene, surgical_frame):
+    """Rotations scored, candidate poses refined and fine-scored side by side
+    (``GlobalSearchConfig.workers``): exactly the proposals of one thread, with and without
+    the climbing search."""
+    _, _, pipeline = scene
+    args = (surgical_frame.depth_mm, surgical_frame.camera, pipeline.search_surface,
+            pipeline.surface_point)
+    for base in (GlobalSearchConfig(), dataclasses.replace(
+            GlobalSearchConfig(), refined_top_k=5, climb_steps=PipelineConfig().weak_climb_steps)):
+        runs = [propose_initial_poses(*args, dataclasses.replace(base, workers=workers))
+                for workers in (1, 2, 3)]
+        assert len(runs[0]) > 0
+        for other in runs[1:]:
+            assert len(other) == len(runs[0])
+            for x, y in zip(runs[0], other):
+                np.testing.assert_array_equal(x.cam_from_spine, y.cam_from_spine)
+                assert x.score == y.score and x.roll_deg == y.roll_deg
+

@@ -40,6 +40,7 @@ from end2reg_ros.geometry import (
     rotation_angle_deg,
     transform_points,
 )
+from end2reg_ros.parallel import parallel_map
 from end2reg_ros.registration.depth_check import (
     SurfaceSamples,
     depth_residuals,
@@ -134,6 +135,10 @@ class GlobalSearchConfig:
     climb_iterations: int = 6
     #: poses still climbing after the first two stages: the best ``climb_keep``
     climb_keep: int = 16
+    #: threads the search's rotations and pose batches are spread over
+    #: (:func:`~end2reg_ros.parallel.parallel_map`; 1: the calling thread only). The same
+    #: results either way; the pipeline spreads its hypotheses over as many
+    workers: int = 2
 
 
 @dataclass
@@ -317,7 +322,8 @@ def score_hypotheses(
     the offset where most of the model's depth residuals fall (histogram mode). Score:
     ``#agree - violate_weight * #violate`` over points facing the camera. With
     ``bone_probability`` (H, W), each agreeing point counts ``colour_base + p`` of its pixel
-    and each violation ``colour_base + 0.5`` (see :class:`GlobalSearchConfig`).
+    and each violation ``colour_base + 0.5`` (see :class:`GlobalSearchConfig`). The rotations
+    are scored on ``config.workers`` threads.
     """
     rng = rng or np.random.default_rng(0)
     n = min(config.score_points, len(surface.points))
@@ -331,7 +337,8 @@ def score_hypotheses(
     scores = np.full((len(rotations), len(anchors)), -np.inf)
     offsets = np.zeros((len(rotations), len(anchors)))
     view = -anchors / np.linalg.norm(anchors, axis=1, keepdims=True)  # (A, 3) towards camera
-    for r, rot in enumerate(rotations):
+
+    def score_rotation(rot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = pts @ rot.T  # (P, 3)
         facing = (nrm @ rot.T) @ view.T > 0.0  # (P, A)
         cam = anchors[:, None, :] + q[None, :, :]  # (A, P, 3)
@@ -362,7 +369,10 @@ def score_hypotheses(
         shift = bins[best] + config.offset_bin_mm / 2.0
         agree = agree[np.arange(len(anchors)), best]
         violate = violate[np.arange(len(anchors)), best]
-        scores[r] = agree - config.violate_weight * violate
+        return agree - config.violate_weight * violate, shift
+
+    for r, (score, shift) in enumerate(parallel_map(score_rotation, rotations, config.workers)):
+        scores[r] = score
         offsets[r] = shift
     return scores, offsets
 
@@ -537,36 +547,46 @@ def refine_hypotheses(
     once: each model point facing the camera is paired with the scene point on its pixel
     when they are closer than the schedule's distance and their normals agree. Returns the
     refined poses (H, 4, 4); a pose with fewer than ``icp_min_pairs`` pairs in an iteration
-    stays where it is in that iteration."""
+    stays where it is in that iteration. The poses are refined in ``config.workers`` batches
+    side by side."""
     stride = config.icp_stride
     scene, scene_n, trusted = scene_maps(depth_mm, camera, stride)
     scene_flat, scene_n_flat = scene.reshape(-1, 3), scene_n.reshape(-1, 3)
     trusted_flat = trusted.reshape(-1)
-    poses = np.array(poses, dtype=np.float64, copy=True)
     pts = np.asarray(points, dtype=np.float64)
     nrm = np.asarray(normals, dtype=np.float64)
-    for max_dist, iterations in config.icp_schedule:
-        for _ in range(iterations):
-            q, qn, facing = _posed(poses, pts, nrm)
-            flat, inside = pixel_lookup(camera, q, stride)
-            s, n = scene_flat[flat], scene_n_flat[flat]
-            with np.errstate(invalid="ignore"):
-                diff = q - s
-                r = (n * diff).sum(axis=-1)
-                pair = (inside & trusted_flat[flat] & facing
-                        & ((diff * diff).sum(axis=-1) < max_dist * max_dist)
-                        & ((n * qn).sum(axis=-1) > 0.3) & np.isfinite(r))
-            m = pair[..., None]
-            n0 = np.where(m, n, 0.0)
-            jac = np.concatenate([np.cross(np.where(m, q, 0.0), n0), n0], axis=-1)  # (H, P, 6)
-            lhs = np.matmul(np.transpose(jac, (0, 2, 1)), jac) + 1e-3 * np.eye(6)
-            rhs = -np.matmul(np.transpose(jac, (0, 2, 1)), np.where(pair, r, 0.0)[..., None])[..., 0]
-            step = np.linalg.solve(lhs, rhs[..., None])[..., 0]
-            for k in np.flatnonzero(pair.sum(axis=1) >= config.icp_min_pairs):
-                w = step[k, :3]
-                rotation = axis_angle_to_matrix(w, float(np.linalg.norm(w)))
-                poses[k] = make_pose(rotation, step[k, 3:]) @ poses[k]
-    return poses
+
+    def refine(batch: np.ndarray) -> np.ndarray:  # every pose of the batch independently
+        poses = np.array(batch, dtype=np.float64, copy=True)
+        for max_dist, iterations in config.icp_schedule:
+            for _ in range(iterations):
+                q, qn, facing = _posed(poses, pts, nrm)
+                flat, inside = pixel_lookup(camera, q, stride)
+                s, n = scene_flat[flat], scene_n_flat[flat]
+                with np.errstate(invalid="ignore"):
+                    diff = q - s
+                    r = (n * diff).sum(axis=-1)
+                    pair = (inside & trusted_flat[flat] & facing
+                            & ((diff * diff).sum(axis=-1) < max_dist * max_dist)
+                            & ((n * qn).sum(axis=-1) > 0.3) & np.isfinite(r))
+                m = pair[..., None]
+                n0 = np.where(m, n, 0.0)
+                jac = np.concatenate([np.cross(np.where(m, q, 0.0), n0), n0], axis=-1)  # (H, P, 6)
+                lhs = np.matmul(np.transpose(jac, (0, 2, 1)), jac) + 1e-3 * np.eye(6)
+                rhs = -np.matmul(np.transpose(jac, (0, 2, 1)),
+                                 np.where(pair, r, 0.0)[..., None])[..., 0]
+                step = np.linalg.solve(lhs, rhs[..., None])[..., 0]
+                for k in np.flatnonzero(pair.sum(axis=1) >= config.icp_min_pairs):
+                    w = step[k, :3]
+                    rotation = axis_angle_to_matrix(w, float(np.linalg.norm(w)))
+                    poses[k] = make_pose(rotation, step[k, 3:]) @ poses[k]
+        return poses
+
+    poses = np.asarray(poses, dtype=np.float64).reshape(-1, 4, 4)
+    batches = [b for b in np.array_split(poses, max(1, config.workers)) if len(b)]
+    if not batches:
+        return poses.copy()
+    return np.concatenate(parallel_map(refine, batches, config.workers))
 
 
 def fine_scores(
@@ -580,18 +600,27 @@ def fine_scores(
 ) -> np.ndarray:
     """(H,) ``#agree - violate_weight * #violate`` of the posed model points facing the
     camera, agreement within ``fine_agree_mm``, violation (seen through) beyond
-    ``fine_violate_mm``; weighted by ``bone_probability`` as in :func:`score_hypotheses`."""
-    q, _, facing = _posed(np.asarray(poses, dtype=np.float64), points, normals)
-    flat, inside = pixel_lookup(camera, q)
-    res = np.where(facing, residuals_at(depth_mm, q, flat, inside), np.nan)
-    with np.errstate(invalid="ignore"):
-        agreeing = np.abs(res) < config.fine_agree_mm
-        violate = (res > config.fine_violate_mm).sum(axis=1)
-    if bone_probability is None:
-        return agreeing.sum(axis=1) - config.violate_weight * violate
-    weights = config.colour_base + _values_at(bone_probability, flat, inside)
-    return (np.where(agreeing, weights, 0.0).sum(axis=1)
-            - config.violate_weight * violate * (config.colour_base + 0.5))
+    ``fine_violate_mm``; weighted by ``bone_probability`` as in :func:`score_hypotheses`.
+    The poses are scored in ``config.workers`` batches side by side."""
+
+    def score(batch: np.ndarray) -> np.ndarray:
+        q, _, facing = _posed(batch, points, normals)
+        flat, inside = pixel_lookup(camera, q)
+        res = np.where(facing, residuals_at(depth_mm, q, flat, inside), np.nan)
+        with np.errstate(invalid="ignore"):
+            agreeing = np.abs(res) < config.fine_agree_mm
+            violate = (res > config.fine_violate_mm).sum(axis=1)
+        if bone_probability is None:
+            return agreeing.sum(axis=1) - config.violate_weight * violate
+        weights = config.colour_base + _values_at(bone_probability, flat, inside)
+        return (np.where(agreeing, weights, 0.0).sum(axis=1)
+                - config.violate_weight * violate * (config.colour_base + 0.5))
+
+    poses = np.asarray(poses, dtype=np.float64).reshape(-1, 4, 4)
+    batches = [b for b in np.array_split(poses, max(1, config.workers)) if len(b)]
+    if not batches:
+        return np.zeros(0)
+    return np.concatenate(parallel_map(score, batches, config.workers))
 
 
 def _climb_moves(step_mm: float, step_deg: float) -> np.ndarray:
