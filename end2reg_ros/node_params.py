@@ -178,6 +178,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "tracking's largest gap between frames)",
               lambda v: None if math.isfinite(v) and 0.01 <= v <= 0.5
               else "must be in [0.01, 0.5]"),
+    ParamSpec("global_threads", "int", 2, "threads",
+              "threads a global registration spreads its independent pieces over (the "
+              "search's rotations and candidate poses, the method run from each hypothesis, "
+              "the level rivals); the poses are the same with any number; 1 = all on the "
+              "worker thread",
+              lambda v: None if 1 <= v <= 16 else "must be in [1, 16]"),
     ParamSpec("calibration_file", "string", "", "",
               "confidence calibration JSON (`end2reg calibrate`); empty = the bundled one",
               _existing_file_or_empty),

@@ -46,6 +46,7 @@ from end2reg_ros.geometry import (
     rotation_vector,
     transform_points,
 )
+from end2reg_ros.parallel import parallel_map
 from end2reg_ros.registration.bone_colour import DEFAULT_BONE_COLOUR, BoneColourModel
 from end2reg_ros.registration.depth_check import (
     DepthAgreement,
@@ -183,6 +184,10 @@ def _method_option(method: RegistrationMethod, name: str, value):
         yield
     finally:
         setattr(method, name, before)
+
+
+#: :meth:`RegistrationPipeline._polish`'s ICP has not run yet
+_NOT_RUN = object()
 
 
 def _voxel_means(points: np.ndarray, voxel_mm: float) -> np.ndarray:
@@ -885,8 +890,8 @@ class RegistrationPipeline:
             raise ValueError("the global search found no hypothesis")
         first = cfg.global_search.refined_top_k if reserve and search.refined_top_k > 0 \
             else len(hyps)
-        refined = [self._refine_hypothesis(frame, hyp.cam_from_spine, stages)
-                   for hyp in hyps[:first]]
+        refined = self._refine_hypotheses(frame, [h.cam_from_spine for h in hyps[:first]],
+                                          stages)
 
         def still_weak() -> bool:  # the best registration so far is weak
             return self._weak(max(r[0] for r in refined))
@@ -894,8 +899,8 @@ class RegistrationPipeline:
         weak_first_pass = still_weak()
         if len(hyps) > first and weak_first_pass:
             # a weak best: the search's next-ranked hypotheses go through the method too
-            refined += [self._refine_hypothesis(frame, hyp.cam_from_spine, stages)
-                        for hyp in hyps[first:]]
+            refined += self._refine_hypotheses(frame, [h.cam_from_spine for h in hyps[first:]],
+                                               stages)
         for percentile in cfg.weak_search_floor_percentiles:
             if not (cfg.weak_search_pool > 0 and still_weak()):
                 break
@@ -931,8 +936,12 @@ class RegistrationPipeline:
         if self._score(start_check) > best_score + cfg.keep_search_pose_margin:
             best, check = self._keep_search_pose(frame, best, start), start_check
             best_score = self._score(start_check)
-        # the rivals of a weak registration: one vertebra cranially / caudally, reversed
-        rivals = self._rivals(frame, best, best_score, stages)
+        # the rivals of a weak registration: one vertebra cranially / caudally, reversed;
+        # beside them, the polish's ICP of the chosen pose (used unless a rival replaces it)
+        chosen_pose = best.cam_from_spine.copy()
+        rivals, polish_fit = self._rivals(
+            frame, best, best_score, stages,
+            beside=lambda own_stages: self._polish_fit(frame, chosen_pose, own_stages))
         challengers = [r for r in rivals.values() if r[1] is not None]
         previous = []
         if challengers:
@@ -940,8 +949,10 @@ class RegistrationPipeline:
             if top[0] > best_score + self.config.rival_swap_margin:
                 previous = [best_score]
                 best_score, best, check = top
-                rivals = self._rivals(frame, best, best_score, stages, challenge=False)
-        best, check, best_score = self._polish(frame, best, check, best_score, stages)
+                rivals, _ = self._rivals(frame, best, best_score, stages, challenge=False)
+                polish_fit = _NOT_RUN
+        best, check, best_score = self._polish(frame, best, check, best_score, stages,
+                                               polish_fit)
         levels = [rivals[k][0] for k in ("cranial", "caudal") if k in rivals]
         # each refined hypothesis (voters are a subset of them): does it agree with best?
         same = {id(r): self._target_distance(best.cam_from_spine, r[1].cam_from_spine)
@@ -1013,33 +1024,44 @@ class RegistrationPipeline:
             moves.append(make_pose(np.eye(3), np.array([sign * step, 0.0, 0.0])))
             moves.append(make_pose(np.eye(3), np.array([0.0, sign * step, 0.0])))
             moves.append(self._turn_about_centre(math.radians(sign * step)))
-        out = []
-        for move in moves:
-            result = self._run_method(frame, pose @ move, stages)
-            score = (self._score(self._timed_verify(frame, result.cam_from_spine, stages))
+
+        def run(move: np.ndarray, own_stages: dict[str, float]) -> tuple[float, float | None]:
+            result = self._run_method(frame, pose @ move, own_stages)
+            score = (self._score(self._timed_verify(frame, result.cam_from_spine, own_stages))
                      if scored else None)
-            out.append((self._target_distance(result.cam_from_spine, pose), score))
-        return out
+            return self._target_distance(result.cam_from_spine, pose), score
+
+        return self._side_by_side(run, moves, stages)
 
     def _polish(self, frame: Frame, estimate: RegistrationEstimate, check: DepthAgreement,
-                score: float, stages: dict[str, float]):
+                score: float, stages: dict[str, float], fit=_NOT_RUN):
         """``(estimate, check, score)`` of the chosen registration after the whole-model ICP
         (``polish_icp_distances_mm``) when that verifies better, else as given. The
-        estimate's fit (inliers, residual) stays the method's own."""
-        distances = tuple(self.config.polish_icp_distances_mm)
-        if not distances:
+        estimate's fit (inliers, residual) stays the method's own. ``fit``: that ICP's
+        :meth:`_polish_fit` from ``estimate``'s pose when it has already run."""
+        if fit is _NOT_RUN:
+            fit = self._polish_fit(frame, estimate.cam_from_spine, stages)
+        if fit is None:
             return estimate, check, score
-        t0 = time.perf_counter()
-        out = self._icp_from(frame, estimate.cam_from_spine, None, distances)
-        stages["refinement"] = stages.get("refinement", 0.0) + (time.perf_counter() - t0) * 1e3
-        if out is None:
-            return estimate, check, score
-        polished = self._timed_verify(frame, out[0], stages)
+        pose, polished = fit
         polished_score = self._score(polished)
         if polished_score <= score:
             return estimate, check, score
-        estimate.cam_from_spine = out[0]
+        estimate.cam_from_spine = pose
         return estimate, polished, polished_score
+
+    def _polish_fit(self, frame: Frame, pose: np.ndarray, stages: dict[str, float]):
+        """The polish's whole-model ICP (``polish_icp_distances_mm``) from ``pose``,
+        verified: ``(cam_from_spine, check)``, or None (no polish, too few scene points)."""
+        distances = tuple(self.config.polish_icp_distances_mm)
+        if not distances:
+            return None
+        t0 = time.perf_counter()
+        out = self._icp_from(frame, pose, None, distances)
+        stages["refinement"] = stages.get("refinement", 0.0) + (time.perf_counter() - t0) * 1e3
+        if out is None:
+            return None
+        return out[0], self._timed_verify(frame, out[0], stages)
 
     def _final_icp(self, frame: Frame, estimate: RegistrationEstimate,
                    stages: dict[str, float]) -> float:
@@ -1074,20 +1096,22 @@ class RegistrationPipeline:
                                      self.surface_point, search, bone_probability=bone,
                                      pool_cache=pools)
         stages["search"] += (time.perf_counter() - t0) * 1e3
-        added = 0
+        starts: list[np.ndarray] = []  # new: not within same_pose_mm of one tried
         for hyp in more:
-            if added >= cfg.global_search.refined_top_k:
+            if len(starts) >= cfg.global_search.refined_top_k:
                 break
-            if all(self._target_distance(hyp.cam_from_spine, r[3]) > cfg.same_pose_mm
-                   for r in refined):
-                with _method_option(self.method, "icp_from_start", icp_from_start):
-                    refined.append(self._refine_hypothesis(frame, hyp.cam_from_spine, stages))
-                added += 1
+            if all(self._target_distance(hyp.cam_from_spine, tried) > cfg.same_pose_mm
+                   for tried in [r[3] for r in refined] + starts):
+                starts.append(hyp.cam_from_spine)
+        with _method_option(self.method, "icp_from_start", icp_from_start):
+            refined += self._refine_hypotheses(frame, starts, stages)
 
     def _rivals(self, frame: Frame, best: RegistrationEstimate, best_score: float,
-                stages: dict[str, float], challenge: bool = True) -> dict:
+                stages: dict[str, float], challenge: bool = True, beside=None) -> tuple:
         """The poses a registration is most often confused with, each scored by the depth
-        check: ``{kind: (score, estimate or None, check or None)}``, kinds ``cranial`` /
+        check, and the result of ``beside`` (a callable taking its own stage-time dict, run
+        alongside them on the search's threads; None when not given):
+        ``({kind: (score, estimate or None, check or None)}, beside's result)``, kinds ``cranial`` /
         ``caudal`` (``best`` shifted by one vertebra along the spine: look-alike vertebrae)
         and ``reversed`` (turned 180 deg about the spine's posterior axis through the model's
         centre: cranial and caudal swapped).
@@ -1100,32 +1124,45 @@ class RegistrationPipeline:
         the ICP scores only, for the pose that replaced another)."""
         cfg = self.config
         out: dict = {}
-        if self._level_step is None:
-            return out
-        starts = {"cranial": make_pose(np.eye(3), -self._level_step),
-                  "caudal": make_pose(np.eye(3), self._level_step)}
-        weak = challenge and self._weak(best_score)
+        starts = {}
+        if self._level_step is not None:
+            starts = {"cranial": make_pose(np.eye(3), -self._level_step),
+                      "caudal": make_pose(np.eye(3), self._level_step)}
+        weak = challenge and self._weak(best_score) and self._level_step is not None
         if weak:
             starts["reversed"] = self._turn_about_centre(math.pi)
-        for kind, rival in starts.items():
+
+        def fit(item, own_stages: dict[str, float]):  # (level's ICP score, challenger)
+            kind, rival = item
             start = best.cam_from_spine @ rival
             t1 = time.perf_counter()
+            level = None
             if kind != "reversed":
                 icp = self._icp_from(frame, start, None)
                 if icp is not None:
-                    out[kind] = (self._score(self._verify(frame, icp[0])), None, None)
-            stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
+                    level = self._score(self._verify(frame, icp[0]))
+            own_stages["verify"] = (time.perf_counter() - t1) * 1e3
             if not weak:
-                continue
-            estimate = self._run_method(frame, start, stages)
+                return level, None
+            estimate = self._run_method(frame, start, own_stages)
             if self._target_distance(estimate.cam_from_spine, best.cam_from_spine) \
                     <= cfg.same_pose_mm:
-                continue
-            estimate_check = self._timed_verify(frame, estimate.cam_from_spine, stages)
-            score = self._score(estimate_check)
-            if kind not in out or score >= out[kind][0]:
-                out[kind] = (score, estimate, estimate_check)
-        return out
+                return level, None
+            estimate_check = self._timed_verify(frame, estimate.cam_from_spine, own_stages)
+            return level, (self._score(estimate_check), estimate, estimate_check)
+
+        pieces = [lambda own_stages, item=item: fit(item, own_stages)
+                  for item in starts.items()]
+        if beside is not None:
+            pieces.append(beside)
+        results = self._side_by_side(lambda piece, own_stages: piece(own_stages), pieces,
+                                     stages)
+        for kind, (level, challenger) in zip(starts, results):
+            if level is not None:
+                out[kind] = (level, None, None)
+            if challenger is not None and (kind not in out or challenger[0] >= out[kind][0]):
+                out[kind] = challenger
+        return out, (results[-1] if beside is not None else None)
 
     def _run_method(self, frame: Frame, start: np.ndarray,
                     stages: dict[str, float]) -> RegistrationEstimate:
@@ -1151,6 +1188,30 @@ class RegistrationPipeline:
         estimate = self._run_method(frame, start, stages)
         check = self._timed_verify(frame, estimate.cam_from_spine, stages)
         return self._score(check), estimate, check, start
+
+    def _refine_hypotheses(self, frame: Frame, starts: list[np.ndarray],
+                           stages: dict[str, float]) -> list:
+        """:meth:`_refine_hypothesis` of every start, side by side (:meth:`_side_by_side`),
+        in the order of ``starts``."""
+        return self._side_by_side(
+            lambda start, own_stages: self._refine_hypothesis(frame, start, own_stages),
+            starts, stages)
+
+    def _side_by_side(self, fn, items: list, stages: dict[str, float]) -> list:
+        """``[fn(item, its own stage times) for item in items]`` on the global search's
+        ``workers`` threads (:func:`~end2reg_ros.parallel.parallel_map`: the same results
+        as one after the other, in the same order); each item's stage times are added to
+        ``stages`` afterwards, so a stage's time is summed over the threads that ran it."""
+        def run(item):
+            own: dict[str, float] = {}
+            return fn(item, own), own
+
+        out = []
+        for result, own in parallel_map(run, items, self.config.global_search.workers):
+            for key, ms in own.items():
+                stages[key] = stages.get(key, 0.0) + ms
+            out.append(result)
+        return out
 
     def _weak(self, score: float) -> bool:
         """A global registration too weak to stand without its rivals (and, in the search,
@@ -1304,7 +1365,9 @@ class RegistrationPipeline:
             return None
         in_spine = transform_points(invert(start), points)
         tree = region if region is not None else self._dense_tree
-        dist, _ = tree.query(in_spine, k=1, distance_upper_bound=distances[0])
+        # the final ICP's crop has ~10,000-40,000 points: split over the search's threads
+        dist, _ = tree.query(in_spine, k=1, distance_upper_bound=distances[0],
+                             workers=cfg.global_search.workers if len(in_spine) > 8000 else 1)
         source = points[np.isfinite(dist)]
         if len(source) < 50:
             return None

@@ -525,3 +525,36 @@ def test_the_search_finds_the_same_poses_on_any_number_of_threads(scene, surgica
                 np.testing.assert_array_equal(x.cam_from_spine, y.cam_from_spine)
                 assert x.score == y.score and x.roll_deg == y.roll_deg
 
+
+def test_the_pipeline_registers_the_same_on_one_and_two_threads(scene, flipped_frame,
+                                                                 monkeypatch):
+    """The method runs from the hypotheses (and the level rivals, the polish) side by side
+    on ``global_search.workers`` threads: the pose, confidence and features of one thread
+    (open3d's ICP sums over its own threads, so runs agree to ~1e-13 mm, not bit for bit)."""
+    import threading
+
+    specimen, _, pipeline = scene
+    threads = {1: set(), 2: set()}
+    results = {}
+    for workers in (1, 2):
+        register = pipeline.method.register
+
+        def recorded(*args, _seen=threads[workers], _register=register, **kwargs):
+            _seen.add(threading.get_ident())
+            return _register(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline.method, "register", recorded)
+        pipe = RegistrationPipeline(pipeline.method, specimen, config=PipelineConfig(
+            tracking=False,
+            global_search=dataclasses.replace(GlobalSearchConfig(), workers=workers)))
+        results[workers] = pipe.process(flipped_frame)
+        monkeypatch.undo()
+    assert len(threads[1]) == 1 and len(threads[2]) == 2
+    one, two = results[1], results[2]
+    assert one.valid == two.valid and one.hypotheses == two.hypotheses
+    np.testing.assert_allclose(two.estimate.cam_from_spine, one.estimate.cam_from_spine,
+                               atol=1e-6)
+    assert two.confidence == pytest.approx(one.confidence, abs=1e-9)
+    assert set(one.features) == set(two.features)
+    for key, value in one.features.items():
+        assert two.features[key] == pytest.approx(value, abs=1e-6), key

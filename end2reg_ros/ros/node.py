@@ -44,7 +44,7 @@ import threading
 import time
 import traceback
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,7 @@ from end2reg_ros.camera import CameraIntrinsics
 from end2reg_ros.geometry import invert, transform_points
 from end2reg_ros.msg import RegistrationResult, StageLatency, VertebraPose
 from end2reg_ros.pipeline import PipelineConfig, RegistrationPipeline, posterior_surface_height
+from end2reg_ros.registration.global_init import GlobalSearchConfig
 from end2reg_ros.ros import conversions as conv
 from end2reg_ros.ros.catch_up import CatchUpBuffer
 from end2reg_ros.ros.signals import (
@@ -225,7 +226,9 @@ class End2RegNode(Node):
         # the ROS-free per-frame logic: global search, tracking, verification, the gate
         self.pipeline = RegistrationPipeline(
             self.method, self.specimen, self._limits_from(self.p),
-            PipelineConfig(tracking=bool(self.p["tracking"])),
+            PipelineConfig(tracking=bool(self.p["tracking"]),
+                           global_search=replace(GlobalSearchConfig(),
+                                                 workers=int(self.p["global_threads"]))),
             calibration=self.p["calibration_file"] or None,
             surface_height_mm=self.surface_height_mm,
             bone_colour=(False if self.p["bone_colour_file"] == "none"
