@@ -19,6 +19,7 @@ no deadlock). No rclpy here.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,17 @@ def _helpers(count: int) -> ThreadPoolExecutor:
             if old is not None:
                 old.shutdown(wait=False)
         return _pool
+
+
+def _forget_helpers_in_child() -> None:
+    """A forked child has none of its parent's threads: it starts its own pool when it
+    needs one (else its pieces would wait in the queue of a pool without threads)."""
+    global _pool, _pool_lock, _pool_size
+    _pool, _pool_lock, _pool_size = None, threading.Lock(), 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_helpers_in_child)
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> list[R]:

@@ -1,6 +1,9 @@
 """parallel_map: the pieces of one global registration side by side, results as in one thread."""
 
+import os
+import signal
 import threading
+import time
 
 import pytest
 
@@ -56,3 +59,27 @@ def test_an_error_is_raised_after_every_thread_stopped():
         parallel_map(piece, range(8), 2)
     # the pool is usable afterwards
     assert parallel_map(lambda x: x + 1, range(6), 2) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_helpers_of_its_own():
+    """After a fork the child has none of the parent's helper threads: its pieces still run
+    (a pool of its own) instead of waiting forever in the parent's queue."""
+    assert parallel_map(lambda x: x, range(4), 2) == [0, 1, 2, 3]  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 only if the pieces ran
+        ok = False
+        try:
+            ok = parallel_map(lambda x: x * 2, range(6), 2) == [0, 2, 4, 6, 8, 10]
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's parallel_map did not finish within 60 s")
