@@ -62,6 +62,15 @@ def _non_negative(value: Any) -> str | None:
     return None if math.isfinite(value) and value >= 0 else "must be >= 0"
 
 
+def _within(low: float, high: float) -> Validator:
+    """A finite value in [low, high] (the bounds as written in the message)."""
+    def check(value: Any) -> str | None:
+        return None if math.isfinite(value) and low <= value <= high \
+            else f"must be in [{low}, {high}]"
+
+    return check
+
+
 def _unit_interval(value: Any) -> str | None:
     return None if math.isfinite(value) and 0.0 <= value <= 1.0 else "must be in [0, 1]"
 
@@ -121,7 +130,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               _choice("best_effort", "reliable"), choices=("best_effort", "reliable")),
     ParamSpec("queue_size", "int", 10, "messages",
               "per-topic queue of the approximate-time synchronizer and input QoS depth",
-              lambda v: None if 1 <= v <= 1000 else "must be in [1, 1000]"),
+              _within(1, 1000)),
     ParamSpec("slop", "double", 0.01, "s",
               "largest stamp difference between colour, depth and camera_info of one frame",
               _positive),
@@ -172,18 +181,17 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "runs; when its pose verifies, tracking catches up through them to the newest "
               "frame (a global registration takes 1.5-4 s on a 2-core CPU: without them the "
               "spine has moved too far to re-acquire); 0 = off",
-              lambda v: None if 0 <= v <= 100 else "must be in [0, 100]"),
+              _within(0, 100)),
     ParamSpec("catch_up_spacing", "double", 0.25, "s",
               "stamp time between the frames kept for catching up (at most 0.5 s, "
               "tracking's largest gap between frames)",
-              lambda v: None if math.isfinite(v) and 0.01 <= v <= 0.5
-              else "must be in [0.01, 0.5]"),
+              _within(0.01, 0.5)),
     ParamSpec("global_threads", "int", 2, "threads",
               "threads a global registration spreads its independent pieces over (the "
               "search's rotations and candidate poses, the method run from each hypothesis, "
               "the level rivals); the poses are the same with any number; 1 = all on the "
               "worker thread",
-              lambda v: None if 1 <= v <= 16 else "must be in [1, 16]"),
+              _within(1, 16)),
     ParamSpec("calibration_file", "string", "", "",
               "confidence calibration JSON (`end2reg calibrate`); empty = the bundled one",
               _existing_file_or_empty),
