@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -95,3 +97,15 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> list
     if errors:
         raise errors[min(errors)]
     return results
+
+
+def parallel_batches(fn: Callable[[np.ndarray], np.ndarray], rows: np.ndarray,
+                     workers: int) -> np.ndarray:
+    """``fn(rows)`` for a ``fn`` that treats every row (along the first axis) on its own:
+    ``rows`` split into at most ``workers`` batches, each through ``fn`` on its own thread
+    (:func:`parallel_map`), the results put back together in order. Without rows: ``fn``
+    of the empty array."""
+    batches = [b for b in np.array_split(rows, max(1, int(workers))) if len(b)]
+    if not batches:
+        return fn(rows)
+    return np.concatenate(parallel_map(fn, batches, workers))

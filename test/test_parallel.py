@@ -5,9 +5,10 @@ import signal
 import threading
 import time
 
+import numpy as np
 import pytest
 
-from end2reg_ros.parallel import parallel_map
+from end2reg_ros.parallel import parallel_batches, parallel_map
 
 
 def test_results_come_back_in_input_order():
@@ -83,3 +84,23 @@ def test_a_forked_child_gets_helpers_of_its_own():
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     pytest.fail("the forked child's parallel_map did not finish within 60 s")
+
+
+def test_batches_of_rows_come_back_whole_and_in_order():
+    """Rows split into at most ``workers`` batches (fewer rows than workers: one a row;
+    none: ``fn`` of the empty array)."""
+    sizes = []
+
+    def row_sums(batch):
+        sizes.append(len(batch))
+        return batch.sum(axis=1)
+
+    rows = np.arange(30.0).reshape(10, 3)
+    np.testing.assert_array_equal(parallel_batches(row_sums, rows, 3), rows.sum(axis=1))
+    assert sorted(sizes) == [3, 3, 4]
+    sizes.clear()
+    np.testing.assert_array_equal(parallel_batches(row_sums, rows[:2], 3), rows[:2].sum(axis=1))
+    assert sizes == [1, 1]
+    sizes.clear()
+    assert parallel_batches(row_sums, rows[:0], 2).shape == (0,)
+    assert sizes == [0]

@@ -40,7 +40,7 @@ from end2reg_ros.geometry import (
     rotation_angle_deg,
     transform_points,
 )
-from end2reg_ros.parallel import parallel_map
+from end2reg_ros.parallel import parallel_batches, parallel_map
 from end2reg_ros.registration.depth_check import (
     SurfaceSamples,
     depth_residuals,
@@ -582,11 +582,8 @@ def refine_hypotheses(
                     poses[k] = make_pose(rotation, step[k, 3:]) @ poses[k]
         return poses
 
-    poses = np.asarray(poses, dtype=np.float64).reshape(-1, 4, 4)
-    batches = [b for b in np.array_split(poses, max(1, config.workers)) if len(b)]
-    if not batches:
-        return poses.copy()
-    return np.concatenate(parallel_map(refine, batches, config.workers))
+    return parallel_batches(refine, np.asarray(poses, dtype=np.float64).reshape(-1, 4, 4),
+                            config.workers)
 
 
 def fine_scores(
@@ -616,11 +613,8 @@ def fine_scores(
         return (np.where(agreeing, weights, 0.0).sum(axis=1)
                 - config.violate_weight * violate * (config.colour_base + 0.5))
 
-    poses = np.asarray(poses, dtype=np.float64).reshape(-1, 4, 4)
-    batches = [b for b in np.array_split(poses, max(1, config.workers)) if len(b)]
-    if not batches:
-        return np.zeros(0)
-    return np.concatenate(parallel_map(score, batches, config.workers))
+    return parallel_batches(score, np.asarray(poses, dtype=np.float64).reshape(-1, 4, 4),
+                            config.workers)
 
 
 def _climb_moves(step_mm: float, step_deg: float) -> np.ndarray:
