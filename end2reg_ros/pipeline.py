@@ -650,8 +650,11 @@ class RegistrationPipeline:
         confidence, level_margin, valid, reason = self._judge(frame, estimate, features, mode, now)
         stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t0) * 1e3
         brought_in = False
+        # refused: did the registration itself pass (refused only for the frame's age)?
+        content_ok = not valid and self._content_ok(estimate, confidence, level_margin,
+                                                    features, mode)
         if not valid and reacquiring and self.config.reacquire_icp_distances_mm \
-                and not self._content_ok(estimate, confidence, level_margin, features, mode):
+                and not content_ok:
             # the camera may have moved further than tracking's windows: once more, from wide
             # (not when only the frame's age refused it: the node catching up through frames
             # kept while a slow registration ran, :meth:`can_reacquire`, spent ~130 ms of
@@ -704,8 +707,7 @@ class RegistrationPipeline:
                 self._held = True
         else:
             self._lose()
-            if self.config.tracking and self._content_ok(estimate, confidence, level_margin,
-                                                         features, mode):
+            if self.config.tracking and content_ok:  # the estimate judged first: still refused
                 # verified but too old to publish (a slow global registration): never
                 # published, only the start for re-acquiring on the next frames
                 self.anchor_pose = estimate.cam_from_spine.copy()
