@@ -9,7 +9,8 @@ frames are excluded.
 :class:`~end2reg_ros.pipeline.RegistrationPipeline` in global mode (global search, the method
 on every hypothesis, depth verification, gate), on N frames of a ``--views wide`` recording
 rendered on the fly (a fresh state before every frame): p50/p95 of the total and the mean
-per stage (summed over the threads a stage ran on: ``--global-threads``, default 2). ``--tracking N``: time the pipeline's tracking mode on N consecutive frames of a
+per stage (summed over the threads a stage ran on: ``--global-threads``, default 2).
+``--tracking N``: time the pipeline's tracking mode on N consecutive frames of a
 smooth surgical recording (after one global registration, not timed): p50/p95 per frame and
 results per second. The global figures are the wall clock and the process's CPU time (on a
 virtual machine whose host gives its CPUs to others, "steal" time, the wall clock grows and the
