@@ -939,11 +939,18 @@ class RegistrationPipeline:
             best, check = self._keep_search_pose(frame, best, start), start_check
             best_score = self._score(start_check)
         # the rivals of a weak registration: one vertebra cranially / caudally, reversed;
-        # beside them, the polish's ICP of the chosen pose (used unless a rival replaces it)
-        chosen_pose = best.cam_from_spine.copy()
-        rivals, polish_fit = self._rivals(
-            frame, best, best_score, stages,
-            beside=lambda own_stages: self._polish_fit(frame, chosen_pose, own_stages))
+        # beside them, the polish's ICP of the chosen pose and the dense final ICP from
+        # where the polish leaves it (both used unless a rival replaces the pose)
+        chosen_pose, chosen_score = best.cam_from_spine.copy(), best_score
+
+        def polish_then_final(own_stages: dict[str, float]):
+            fit = self._polish_fit(frame, chosen_pose, own_stages)
+            polished = fit is not None and self._score(fit[1]) > chosen_score  # as _polish
+            return fit, self._final_fit(frame, fit[0] if polished else chosen_pose,
+                                        own_stages)
+
+        rivals, (polish_fit, final_fit) = self._rivals(frame, best, best_score, stages,
+                                                       beside=polish_then_final)
         challengers = [r for r in rivals.values() if r[1] is not None]
         previous = []
         if challengers:
@@ -952,7 +959,7 @@ class RegistrationPipeline:
                 previous = [best_score]
                 best_score, best, check = top
                 rivals, _ = self._rivals(frame, best, best_score, stages, challenge=False)
-                polish_fit = _NOT_RUN
+                polish_fit = final_fit = _NOT_RUN
         best, check, best_score = self._polish(frame, best, check, best_score, stages,
                                                polish_fit)
         levels = [rivals[k][0] for k in ("cranial", "caudal") if k in rivals]
@@ -983,7 +990,7 @@ class RegistrationPipeline:
                 and features["return_score_ratio"] >= cfg.stability_min_score_ratio)
         # the features and the checks above are of the chosen, polished pose (what the
         # confidence is calibrated on); the pose published is the dense final ICP's from it
-        features["final_move_mm"] = self._final_icp(frame, best, stages)
+        features["final_move_mm"] = self._final_icp(frame, best, stages, final_fit)
         return best, features
 
     def _wants_stability_check(self, features: dict[str, float]) -> bool:
@@ -1066,25 +1073,35 @@ class RegistrationPipeline:
         return out[0], self._timed_verify(frame, out[0], stages)
 
     def _final_icp(self, frame: Frame, estimate: RegistrationEstimate,
-                   stages: dict[str, float]) -> float:
+                   stages: dict[str, float], fit=_NOT_RUN) -> float:
+        """The dense final ICP (:meth:`_final_fit`) from ``estimate``'s pose: the pose moves
+        to its result unless that lies more than ``final_icp_max_move_mm`` away (at the
+        target points). Returns that distance (mm; 0 when it did not run: off, or too few
+        scene points). ``fit``: a :meth:`_final_fit` already run, used when it started from
+        exactly ``estimate``'s pose (else the ICP runs here)."""
+        if fit is _NOT_RUN or not np.array_equal(fit[0], estimate.cam_from_spine):
+            fit = self._final_fit(frame, estimate.cam_from_spine, stages)
+        result = fit[1]
+        if result is None:
+            return 0.0
+        move = self._target_distance(result, estimate.cam_from_spine)
+        if move <= self.config.final_icp_max_move_mm:
+            estimate.cam_from_spine = result
+        return move
+
+    def _final_fit(self, frame: Frame, pose: np.ndarray, stages: dict[str, float]):
         """The dense final ICP (``final_icp_distances_mm``, ``final_icp_stride``,
-        ``final_icp_max_points``) from ``estimate``'s pose: the pose moves to its result
-        unless that lies more than ``final_icp_max_move_mm`` away (at the target points).
-        Returns that distance (mm; 0 when it did not run: off, or too few scene points)."""
+        ``final_icp_max_points``) from ``pose``: ``(pose, cam_from_spine after the ICP)``,
+        the latter None when it did not run (off, or too few scene points)."""
         cfg = self.config
         distances = tuple(cfg.final_icp_distances_mm)
         if not distances:
-            return 0.0
+            return pose, None
         t0 = time.perf_counter()
-        out = self._icp_from(frame, estimate.cam_from_spine, None, distances,
+        out = self._icp_from(frame, pose, None, distances,
                              stride=cfg.final_icp_stride, max_points=cfg.final_icp_max_points)
         stages["refinement"] = stages.get("refinement", 0.0) + (time.perf_counter() - t0) * 1e3
-        if out is None:
-            return 0.0
-        move = self._target_distance(out[0], estimate.cam_from_spine)
-        if move <= cfg.final_icp_max_move_mm:
-            estimate.cam_from_spine = out[0]
-        return move
+        return pose, (None if out is None else out[0])
 
     def _search_more(self, frame: Frame, search: GlobalSearchConfig, bone, pools: dict,
                      refined: list, stages: dict[str, float], icp_from_start=None) -> None:
@@ -1155,16 +1172,17 @@ class RegistrationPipeline:
 
         pieces = [lambda own_stages, item=item: fit(item, own_stages)
                   for item in starts.items()]
-        if beside is not None:
-            pieces.append(beside)
+        if beside is not None:  # first: the longest piece, started while the others run
+            pieces.insert(0, beside)
         results = self._side_by_side(lambda piece, own_stages: piece(own_stages), pieces,
                                      stages)
+        beside_result = results.pop(0) if beside is not None else None
         for kind, (level, challenger) in zip(starts, results):
             if level is not None:
                 out[kind] = (level, None, None)
             if challenger is not None and (kind not in out or challenger[0] >= out[kind][0]):
                 out[kind] = challenger
-        return out, (results[-1] if beside is not None else None)
+        return out, beside_result
 
     def _run_method(self, frame: Frame, start: np.ndarray,
                     stages: dict[str, float]) -> RegistrationEstimate:
