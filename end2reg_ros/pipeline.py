@@ -46,7 +46,7 @@ from end2reg_ros.geometry import (
     rotation_vector,
     transform_points,
 )
-from end2reg_ros.parallel import parallel_map
+from end2reg_ros.parallel import limit_math_threads, parallel_map
 from end2reg_ros.registration.bone_colour import DEFAULT_BONE_COLOUR, BoneColourModel
 from end2reg_ros.registration.depth_check import (
     DepthAgreement,
@@ -490,6 +490,12 @@ class PipelineConfig:
     stability_min_score_ratio: float = 0.8
     stability_likelihood_ratios: tuple[float, float] | None = None
     global_search: GlobalSearchConfig = GlobalSearchConfig()
+    #: threads of numpy's OpenBLAS and torch's CPU pool, set process-wide when a pipeline is
+    #: built (:func:`~end2reg_ros.parallel.limit_math_threads`; None: left as they are). The
+    #: global registration's pieces run on ``global_search.workers`` threads of their own;
+    #: the libraries' threads on top of them cost more than they gave on this 2-core CPU
+    #: (8 typical wide benchmark frames: 22 % less CPU time with one, the same poses)
+    math_threads: int | None = 1
     #: verification: depth agreement / violation thresholds (mm)
     agree_mm: float = 2.5
     violate_mm: float = 6.0
@@ -530,6 +536,8 @@ class RegistrationPipeline:
         if self.config.track_association not in ("projective", "nearest"):
             raise ValueError(f"track_association must be 'projective' or 'nearest', got "
                              f"{self.config.track_association!r}")
+        if self.config.math_threads is not None:
+            limit_math_threads(self.config.math_threads)
         self.gate = SafetyGate(limits or SafetyLimits())
         if calibration is True or calibration is None:
             calibration = DEFAULT_CALIBRATION

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from end2reg_ros.parallel import parallel_batches, parallel_map
+from end2reg_ros.parallel import (limit_math_threads, openblas_threads, parallel_batches,
+                                  parallel_map)
 
 
 def test_results_come_back_in_input_order():
@@ -104,3 +105,53 @@ def test_batches_of_rows_come_back_whole_and_in_order():
     sizes.clear()
     assert parallel_batches(row_sums, rows[:0], 2).shape == (0,)
     assert sizes == [0]
+
+
+def test_the_math_libraries_run_the_thread_count_they_are_limited_to():
+    """numpy's OpenBLAS (every copy in the process) and torch's pool take the count given,
+    and give it back when asked; a matrix product still computes the same."""
+    torch = pytest.importorskip("torch")
+    before = openblas_threads()
+    if not before:
+        pytest.skip("no OpenBLAS loaded in this process (numpy built on another BLAS): "
+                    "nothing for limit_math_threads to set")
+    torch_before = torch.get_num_threads()
+    a = np.random.default_rng(0).random((300, 300))
+    product = a @ a
+    try:
+        for count in (1, 2):
+            got = limit_math_threads(count)
+            assert set(got) == set(before) | {"torch"}
+            assert set(openblas_threads().values()) == {count}
+            assert torch.get_num_threads() == count
+            assert np.allclose(a @ a, product, rtol=1e-12)
+    finally:
+        limit_math_threads(max(before.values()))
+        torch.set_num_threads(torch_before)
+    with pytest.raises(ValueError, match=">= 1"):
+        limit_math_threads(0)
+
+
+def test_a_pipeline_sets_the_math_libraries_to_its_math_threads():
+    """Building a pipeline applies ``PipelineConfig.math_threads`` (process-wide)."""
+    pytest.importorskip("torch")
+    from end2reg_ros.pipeline import PipelineConfig, RegistrationPipeline
+    from end2reg_ros.registration import make_method
+    from end2reg_ros.synth.anatomy import generate_specimen
+
+    before = openblas_threads()
+    if not before:
+        pytest.skip("no OpenBLAS loaded in this process: nothing for the pipeline to set")
+    try:
+        limit_math_threads(2)
+        RegistrationPipeline(make_method("icp-prior"), generate_specimen(3, "threads"),
+                             config=PipelineConfig(tracking=False, math_threads=1),
+                             calibration=False, bone_colour=False)
+        assert set(openblas_threads().values()) == {1}
+        limit_math_threads(2)
+        RegistrationPipeline(make_method("icp-prior"), generate_specimen(3, "threads"),
+                             config=PipelineConfig(tracking=False, math_threads=None),
+                             calibration=False, bone_colour=False)
+        assert set(openblas_threads().values()) == {2}  # None: left as they were
+    finally:
+        limit_math_threads(max(before.values()))

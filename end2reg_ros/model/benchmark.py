@@ -9,7 +9,9 @@ frames are excluded.
 :class:`~end2reg_ros.pipeline.RegistrationPipeline` in global mode (global search, the method
 on every hypothesis, depth verification, gate), on N frames of a ``--views wide`` recording
 rendered on the fly (a fresh state before every frame): p50/p95 of the total and the mean
-per stage (summed over the threads a stage ran on: ``--global-threads``, default 2).
+per stage (summed over the threads a stage ran on: ``--global-threads``, default 2). The
+pipeline sets numpy's OpenBLAS and torch to ``PipelineConfig.math_threads`` (1) threads, which
+overrides ``--threads`` for these figures; the thread counts are printed.
 ``--tracking N``: time the pipeline's tracking mode on N consecutive frames of a
 smooth surgical recording (after one global registration, not timed): p50/p95 per frame and
 results per second. The global figures are the wall clock and the process's CPU time (on a
@@ -121,8 +123,16 @@ def _pipeline_figures(args, method, specimen, camera) -> dict:
         config = replace(config, global_search=replace(config.global_search,
                                                        workers=args.global_threads))
     pipeline = RegistrationPipeline(method, specimen, config=config, calibration=calibration)
+    import torch
+
+    from end2reg_ros.parallel import openblas_threads
+
+    blas = sorted(set(openblas_threads().values()))
+    math_threads = {"openblas": blas, "torch": torch.get_num_threads()}
     print(f"\npipeline (confidence: "
-          f"{DEFAULT_CALIBRATION.name if calibration else 'uncalibrated, inlier fraction'})")
+          f"{DEFAULT_CALIBRATION.name if calibration else 'uncalibrated, inlier fraction'}; "
+          f"math libraries: OpenBLAS {'/'.join(map(str, blas)) or 'not found'}, torch "
+          f"{math_threads['torch']} thread(s): PipelineConfig.math_threads)")
     out: dict = {}
     if args.global_frames > 0:
         rng = np.random.default_rng(args.seed + 1)
@@ -161,6 +171,7 @@ def _pipeline_figures(args, method, specimen, camera) -> dict:
                          "cpu_p50_ms": float(cpu50), "cpu_p95_ms": float(cpu95),
                          "steal_share": steal,
                          "workers": pipeline.config.global_search.workers,
+                         "math_threads": math_threads,
                          "accepted": accepted, "hypotheses_mean": float(np.mean(hypotheses)),
                          "stage_mean_ms": {s: float(np.mean(v)) for s, v in stages.items()}}
     if args.tracking_frames > 0:
