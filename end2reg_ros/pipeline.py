@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -900,8 +901,8 @@ class RegistrationPipeline:
             raise ValueError("the global search found no hypothesis")
         first = cfg.global_search.refined_top_k if reserve and search.refined_top_k > 0 \
             else len(hyps)
-        refined = self._refine_hypotheses(frame, [h.cam_from_spine for h in hyps[:first]],
-                                          stages)
+        refined, guessed = self._first_pass(frame, [h.cam_from_spine for h in hyps[:first]],
+                                            stages)
 
         def still_weak() -> bool:  # the best registration so far is weak
             return self._weak(max(r[0] for r in refined))
@@ -946,19 +947,19 @@ class RegistrationPipeline:
         if self._score(start_check) > best_score + cfg.keep_search_pose_margin:
             best, check = self._keep_search_pose(frame, best, start), start_check
             best_score = self._score(start_check)
-        # the rivals of a weak registration: one vertebra cranially / caudally, reversed;
-        # beside them, the polish's ICP of the chosen pose and the dense final ICP from
-        # where the polish leaves it (both used unless a rival replaces the pose)
+        # the rivals (one vertebra cranially / caudally; reversed too when weak) and beside
+        # them the polish's ICP of the chosen pose and the dense final ICP from where the
+        # polish leaves it (both used unless a rival replaces the pose); all of them already
+        # ran in the first pass's idle slot when that guessed this pose and score
         chosen_pose, chosen_score = best.cam_from_spine.copy(), best_score
-
-        def polish_then_final(own_stages: dict[str, float]):
-            fit = self._polish_fit(frame, chosen_pose, own_stages)
-            polished = fit is not None and self._score(fit[1]) > chosen_score  # as _polish
-            return fit, self._final_fit(frame, fit[0] if polished else chosen_pose,
-                                        own_stages)
-
-        rivals, (polish_fit, final_fit) = self._rivals(frame, best, best_score, stages,
-                                                       beside=polish_then_final)
+        if guessed is not None and guessed["score"] == chosen_score \
+                and np.array_equal(guessed["pose"], chosen_pose):
+            rivals, (polish_fit, final_fit) = guessed["rivals"], guessed["polish"]
+        else:
+            rivals, (polish_fit, final_fit) = self._rivals(
+                frame, best, best_score, stages,
+                beside=lambda own_stages: self._polish_then_final(frame, chosen_pose,
+                                                                  chosen_score, own_stages))
         challengers = [r for r in rivals.values() if r[1] is not None]
         previous = []
         if challengers:
@@ -1000,6 +1001,77 @@ class RegistrationPipeline:
         # confidence is calibrated on); the pose published is the dense final ICP's from it
         features["final_move_mm"] = self._final_icp(frame, best, stages, final_fit)
         return best, features
+
+    def _first_pass(self, frame: Frame, starts: list[np.ndarray],
+                    stages: dict[str, float]) -> tuple[list, dict | None]:
+        """The method from each of the first pass's ``starts``, side by side
+        (:meth:`_refine_hypotheses`), and, in the slot where a thread would otherwise sit
+        idle (3 runs on 2 threads: one thread waits for the third run), the next steps
+        for a guess of the outcome: ``(refined, guess)``.
+
+        The guess is the best of the runs finished when the first guessed piece starts.
+        Unless it is weak or the search's own pose would replace it (what :meth:`_global`
+        does next), its pieces run: :meth:`_polish_then_final` from its pose and the
+        :meth:`_rival_fit` of each level rival. ``guess``: ``{"pose", "score", "polish",
+        "rivals"}``, or None (no idle slot, or nothing guessed). :meth:`_global` uses it
+        only when the pose and score it chose are exactly these (the third run did not
+        win, no weak path): the same results it would compute, computed earlier."""
+        workers = self.config.global_search.workers
+        done: dict[int, tuple] = {}  # the runs finished so far, by index
+        lock = threading.Lock()
+        guessed: list = []  # [(pose, score)] or [None], set by the first guessed piece
+
+        def run(i: int, own_stages: dict[str, float]):
+            done[i] = self._refine_hypothesis(frame, starts[i], own_stages)
+            return done[i]
+
+        def guess(own_stages: dict[str, float]):
+            with lock:
+                if not guessed:
+                    guessed.append(None)
+                    finished = [done[i] for i in sorted(done)]
+                    if finished:
+                        score, best, _, start = max(finished, key=lambda r: r[0])  # 1st of ties
+                        if not self._weak(score) and self._score(self._timed_verify(
+                                frame, start, own_stages)) \
+                                <= score + self.config.keep_search_pose_margin:
+                            guessed[0] = (best.cam_from_spine.copy(), score)
+                return guessed[0]
+
+        def polish_piece(own_stages: dict[str, float]):
+            g = guess(own_stages)
+            return None if g is None else self._polish_then_final(frame, *g, own_stages)
+
+        def rival_piece(item, own_stages: dict[str, float]):
+            g = guess(own_stages)
+            return None if g is None else self._rival_fit(frame, g[0], *item, False,
+                                                          own_stages)
+
+        pieces = [lambda own_stages, i=i: run(i, own_stages) for i in range(len(starts))]
+        rivals = self._rival_starts(False)
+        idle = workers >= 2 and len(starts) > workers and len(starts) % workers != 0
+        if idle:
+            pieces.append(polish_piece)
+            pieces += [lambda own_stages, item=item: rival_piece(item, own_stages)
+                       for item in rivals.items()]
+        results = self._side_by_side(lambda piece, own_stages: piece(own_stages), pieces,
+                                     stages)
+        refined = results[:len(starts)]
+        if not idle or not guessed or guessed[0] is None:
+            return refined, None
+        extra = results[len(starts):]
+        return refined, {"pose": guessed[0][0], "score": guessed[0][1], "polish": extra[0],
+                         "rivals": self._rival_table(rivals, extra[1:])}
+
+    def _polish_then_final(self, frame: Frame, pose: np.ndarray, score: float,
+                           stages: dict[str, float]):
+        """The polish's ICP from the chosen ``pose`` (verification ``score``), then the dense
+        final ICP from where the polish leaves it (the polish is taken by the rule of
+        :meth:`_polish`): ``(polish fit, final fit)`` for :meth:`_polish` and
+        :meth:`_final_icp`."""
+        fit = self._polish_fit(frame, pose, stages)
+        polished = fit is not None and self._score(fit[1]) > score
+        return fit, self._final_fit(frame, fit[0] if polished else pose, stages)
 
     def _wants_stability_check(self, features: dict[str, float]) -> bool:
         """The gate would refuse the global registration for its calibrated confidence, and
@@ -1149,48 +1221,60 @@ class RegistrationPipeline:
         not a level, 35-40 mm, away), and a result that does not come back to ``best``
         (within ``same_pose_mm``) is a challenger that may replace it (``challenge`` False:
         the ICP scores only, for the pose that replaced another)."""
-        cfg = self.config
-        out: dict = {}
-        starts = {}
-        if self._level_step is not None:
-            starts = {"cranial": make_pose(np.eye(3), -self._level_step),
-                      "caudal": make_pose(np.eye(3), self._level_step)}
         weak = challenge and self._weak(best_score) and self._level_step is not None
-        if weak:
-            starts["reversed"] = self._turn_about_centre(math.pi)
-
-        def fit(item, own_stages: dict[str, float]):  # (level's ICP score, challenger)
-            kind, rival = item
-            start = best.cam_from_spine @ rival
-            t1 = time.perf_counter()
-            level = None
-            if kind != "reversed":
-                icp = self._icp_from(frame, start, None)
-                if icp is not None:
-                    level = self._score(self._verify(frame, icp[0]))
-            own_stages["verify"] = (time.perf_counter() - t1) * 1e3
-            if not weak:
-                return level, None
-            estimate = self._run_method(frame, start, own_stages)
-            if self._target_distance(estimate.cam_from_spine, best.cam_from_spine) \
-                    <= cfg.same_pose_mm:
-                return level, None
-            estimate_check = self._timed_verify(frame, estimate.cam_from_spine, own_stages)
-            return level, (self._score(estimate_check), estimate, estimate_check)
-
-        pieces = [lambda own_stages, item=item: fit(item, own_stages)
+        starts = self._rival_starts(weak)
+        pose = best.cam_from_spine
+        pieces = [lambda own_stages, item=item: self._rival_fit(frame, pose, *item, weak,
+                                                                own_stages)
                   for item in starts.items()]
         if beside is not None:  # first: the longest piece, started while the others run
             pieces.insert(0, beside)
         results = self._side_by_side(lambda piece, own_stages: piece(own_stages), pieces,
                                      stages)
         beside_result = results.pop(0) if beside is not None else None
+        return self._rival_table(starts, results), beside_result
+
+    def _rival_starts(self, weak: bool) -> dict[str, np.ndarray]:
+        """Spine-frame moves to the rivals of :meth:`_rivals`: the levels (when the specimen
+        has more than one vertebra) and, for a weak registration, the reversed pose."""
+        starts = {}
+        if self._level_step is not None:
+            starts = {"cranial": make_pose(np.eye(3), -self._level_step),
+                      "caudal": make_pose(np.eye(3), self._level_step)}
+        if weak:
+            starts["reversed"] = self._turn_about_centre(math.pi)
+        return starts
+
+    def _rival_fit(self, frame: Frame, pose: np.ndarray, kind: str, rival: np.ndarray,
+                   weak: bool, stages: dict[str, float]):
+        """One rival of :meth:`_rivals` from ``pose @ rival``: ``(the level's ICP score or
+        None, challenger (score, estimate, check) or None)``."""
+        start = pose @ rival
+        t1 = time.perf_counter()
+        level = None
+        if kind != "reversed":
+            icp = self._icp_from(frame, start, None)
+            if icp is not None:
+                level = self._score(self._verify(frame, icp[0]))
+        stages["verify"] = stages.get("verify", 0.0) + (time.perf_counter() - t1) * 1e3
+        if not weak:
+            return level, None
+        estimate = self._run_method(frame, start, stages)
+        if self._target_distance(estimate.cam_from_spine, pose) <= self.config.same_pose_mm:
+            return level, None
+        estimate_check = self._timed_verify(frame, estimate.cam_from_spine, stages)
+        return level, (self._score(estimate_check), estimate, estimate_check)
+
+    @staticmethod
+    def _rival_table(starts: dict, results: list) -> dict:
+        """:meth:`_rivals`'s table from the :meth:`_rival_fit` results, in ``starts``'s order."""
+        out: dict = {}
         for kind, (level, challenger) in zip(starts, results):
             if level is not None:
                 out[kind] = (level, None, None)
             if challenger is not None and (kind not in out or challenger[0] >= out[kind][0]):
                 out[kind] = challenger
-        return out, beside_result
+        return out
 
     def _run_method(self, frame: Frame, start: np.ndarray,
                     stages: dict[str, float]) -> RegistrationEstimate:

@@ -536,6 +536,7 @@ def test_the_pipeline_registers_the_same_on_one_and_two_threads(scene, flipped_f
     specimen, _, pipeline = scene
     threads = {1: set(), 2: set()}
     results = {}
+    rival_calls = []
     for workers in (1, 2):
         register = pipeline.method.register
 
@@ -547,9 +548,15 @@ def test_the_pipeline_registers_the_same_on_one_and_two_threads(scene, flipped_f
         pipe = RegistrationPipeline(pipeline.method, specimen, config=PipelineConfig(
             tracking=False,
             global_search=dataclasses.replace(GlobalSearchConfig(), workers=workers)))
+        rivals = pipe._rivals
+        monkeypatch.setattr(pipe, "_rivals", lambda *a, **k: rival_calls.append(workers)
+                            or rivals(*a, **k))
         results[workers] = pipe.process(flipped_frame)
         monkeypatch.undo()
     assert len(threads[1]) == 1 and len(threads[2]) == 2
+    # one thread: the rivals after the first pass; two: guessed in the first pass's idle
+    # slot (3 runs on 2 threads), and the guess held
+    assert rival_calls == [1]
     one, two = results[1], results[2]
     assert one.valid == two.valid and one.hypotheses == two.hypotheses
     np.testing.assert_allclose(two.estimate.cam_from_spine, one.estimate.cam_from_spine,
@@ -558,3 +565,41 @@ def test_the_pipeline_registers_the_same_on_one_and_two_threads(scene, flipped_f
     assert set(one.features) == set(two.features)
     for key, value in one.features.items():
         assert two.features[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_a_guess_of_the_first_pass_that_did_not_come_true_is_not_used(scene, flipped_frame,
+                                                                      monkeypatch):
+    """The first pass's idle slot runs the next steps for the best run finished so far;
+    when the pose (or score) chosen in the end is another, those results are thrown away
+    and the steps run again: a guess with a pose 1 mm off, or another score, whose results
+    are nonsense, changes nothing."""
+    specimen, _, pipeline = scene
+    config = PipelineConfig(tracking=False,
+                            global_search=dataclasses.replace(GlobalSearchConfig(), workers=2))
+    reference = RegistrationPipeline(pipeline.method, specimen, config=config)
+    expected = reference.process(flipped_frame)
+    for spoil in ("pose", "score"):
+        pipe = RegistrationPipeline(pipeline.method, specimen, config=config)
+        first_pass = pipe._first_pass
+
+        def spoiled(*args, _first_pass=first_pass, _spoil=spoil):
+            refined, guess = _first_pass(*args)
+            assert guess is not None  # 3 runs on 2 threads: a guess was made
+            pose = guess["pose"].copy()
+            if _spoil == "pose":
+                pose[:3, 3] += 1.0
+            nonsense = pose.copy()
+            nonsense[:3, 3] += 50.0  # a final ICP result 50 mm away, a rival far ahead
+            return refined, {"pose": pose,
+                             "score": guess["score"] + (0.05 if _spoil == "score" else 0.0),
+                             "polish": (None, (pose, nonsense)),
+                             "rivals": {"cranial": (9.0, None, None)}}
+
+        monkeypatch.setattr(pipe, "_first_pass", spoiled)
+        got = pipe.process(flipped_frame)
+        monkeypatch.undo()
+        np.testing.assert_allclose(got.estimate.cam_from_spine,
+                                   expected.estimate.cam_from_spine, atol=1e-6)
+        assert got.confidence == pytest.approx(expected.confidence, abs=1e-9)
+        assert got.features["level_margin"] == pytest.approx(
+            expected.features["level_margin"], abs=1e-6)
