@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import time
+
 import numpy as np
 import pytest
 
@@ -551,11 +553,28 @@ def test_the_pipeline_registers_the_same_on_one_and_two_threads(scene, flipped_f
         rivals = pipe._rivals
         monkeypatch.setattr(pipe, "_rivals", lambda *a, **k: rival_calls.append(workers)
                             or rivals(*a, **k))
+        # the third run of the first pass starts 1 s late, so that the guess in the idle
+        # slot sees the first two finished whatever the machine's load (which runs have
+        # finished when the guess starts decides whether it can hold, not the results)
+        first_pass, refine = pipe._first_pass, pipe._refine_hypothesis
+        third = []
+
+        def recorded_first_pass(frame, starts, stages, _first_pass=first_pass):
+            third[:] = starts[2:3]
+            return _first_pass(frame, starts, stages)
+
+        def late_third(frame, start, stages, _refine=refine):
+            if third and np.array_equal(start, third[0]):
+                time.sleep(1.0)
+            return _refine(frame, start, stages)
+
+        monkeypatch.setattr(pipe, "_first_pass", recorded_first_pass)
+        monkeypatch.setattr(pipe, "_refine_hypothesis", late_third)
         results[workers] = pipe.process(flipped_frame)
         monkeypatch.undo()
     assert len(threads[1]) == 1 and len(threads[2]) == 2
     # one thread: the rivals after the first pass; two: guessed in the first pass's idle
-    # slot (3 runs on 2 threads), and the guess held
+    # slot (3 runs on 2 threads) from the two runs finished, and the guess held
     assert rival_calls == [1]
     one, two = results[1], results[2]
     assert one.valid == two.valid and one.hypotheses == two.hypotheses
@@ -584,14 +603,17 @@ def test_a_guess_of_the_first_pass_that_did_not_come_true_is_not_used(scene, fli
 
         def spoiled(*args, _first_pass=first_pass, _spoil=spoil):
             refined, guess = _first_pass(*args)
-            assert guess is not None  # 3 runs on 2 threads: a guess was made
-            pose = guess["pose"].copy()
+            # 3 runs on 2 threads: a guess was made unless the best run finished when it
+            # started was weak (which runs finish first depends on the machine's load)
+            best = max(refined, key=lambda r: r[0])
+            pose = (guess["pose"] if guess else best[1].cam_from_spine).copy()
+            score = guess["score"] if guess else best[0]
             if _spoil == "pose":
                 pose[:3, 3] += 1.0
             nonsense = pose.copy()
             nonsense[:3, 3] += 50.0  # a final ICP result 50 mm away, a rival far ahead
             return refined, {"pose": pose,
-                             "score": guess["score"] + (0.05 if _spoil == "score" else 0.0),
+                             "score": score + (0.05 if _spoil == "score" else 0.0),
                              "polish": (None, (pose, nonsense)),
                              "rivals": {"cranial": (9.0, None, None)}}
 
