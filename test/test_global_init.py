@@ -6,7 +6,6 @@ assumption on the camera placement)."""
 from __future__ import annotations
 
 import dataclasses
-
 import time
 
 import numpy as np
@@ -550,21 +549,21 @@ def test_the_pipeline_registers_the_same_on_one_and_two_threads(scene, flipped_f
         pipe = RegistrationPipeline(pipeline.method, specimen, config=PipelineConfig(
             tracking=False,
             global_search=dataclasses.replace(GlobalSearchConfig(), workers=workers)))
-        rivals = pipe._rivals
-        monkeypatch.setattr(pipe, "_rivals", lambda *a, **k: rival_calls.append(workers)
-                            or rivals(*a, **k))
+        monkeypatch.setattr(pipe, "_rivals",
+                            lambda *a, _workers=workers, _rivals=pipe._rivals, **k:
+                            rival_calls.append(_workers) or _rivals(*a, **k))
         # the third run of the first pass starts 1 s late, so that the guess in the idle
         # slot sees the first two finished whatever the machine's load (which runs have
         # finished when the guess starts decides whether it can hold, not the results)
-        first_pass, refine = pipe._first_pass, pipe._refine_hypothesis
-        third = []
+        third: list = []
 
-        def recorded_first_pass(frame, starts, stages, _first_pass=first_pass):
-            third[:] = starts[2:3]
+        def recorded_first_pass(frame, starts, stages, _first_pass=pipe._first_pass,
+                                _third=third):
+            _third[:] = starts[2:3]
             return _first_pass(frame, starts, stages)
 
-        def late_third(frame, start, stages, _refine=refine):
-            if third and np.array_equal(start, third[0]):
+        def late_third(frame, start, stages, _refine=pipe._refine_hypothesis, _third=third):
+            if _third and np.array_equal(start, _third[0]):
                 time.sleep(1.0)
             return _refine(frame, start, stages)
 

@@ -8,8 +8,12 @@ import time
 import numpy as np
 import pytest
 
-from end2reg_ros.parallel import (limit_math_threads, openblas_threads, parallel_batches,
-                                  parallel_map)
+from end2reg_ros.parallel import (
+    limit_math_threads,
+    openblas_threads,
+    parallel_batches,
+    parallel_map,
+)
 
 
 def test_results_come_back_in_input_order():
