@@ -190,7 +190,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "threads a global registration spreads its independent pieces over (the "
               "search's rotations and candidate poses, the method run from each hypothesis, "
               "the level rivals); the poses are the same with any number; 1 = all on the "
-              "worker thread",
+              "worker thread. numpy's OpenBLAS and torch run one thread each inside them "
+              "(process-wide, `PipelineConfig.math_threads`): on a CPU with more cores, "
+              "raise this instead",
               _within(1, 16)),
     ParamSpec("calibration_file", "string", "", "",
               "confidence calibration JSON (`end2reg calibrate`); empty = the bundled one",
