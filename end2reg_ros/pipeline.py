@@ -1022,8 +1022,10 @@ class RegistrationPipeline:
         guessed: list = []  # [(pose, score)] or [None], set by the first guessed piece
 
         def run(i: int, own_stages: dict[str, float]):
-            done[i] = self._refine_hypothesis(frame, starts[i], own_stages)
-            return done[i]
+            result = self._refine_hypothesis(frame, starts[i], own_stages)
+            with lock:  # the guess reads ``done`` under the same lock
+                done[i] = result
+            return result
 
         def guess(own_stages: dict[str, float]):
             with lock:
