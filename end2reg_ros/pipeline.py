@@ -944,7 +944,7 @@ class RegistrationPipeline:
         best_score, best, check, start = refined[0]
         # the chosen hypothesis: the search's own pose stands when it agrees clearly better
         start_check = self._timed_verify(frame, start, stages)
-        if self._score(start_check) > best_score + cfg.keep_search_pose_margin:
+        if self._search_pose_wins(start_check, best_score):
             best, check = self._keep_search_pose(frame, best, start), start_check
             best_score = self._score(start_check)
         # the rivals (one vertebra cranially / caudally; reversed too when weak) and beside
@@ -1034,9 +1034,8 @@ class RegistrationPipeline:
                     finished = [done[i] for i in sorted(done)]
                     if finished:
                         score, best, _, start = max(finished, key=lambda r: r[0])  # 1st of ties
-                        if not self._weak(score) and self._score(self._timed_verify(
-                                frame, start, own_stages)) \
-                                <= score + self.config.keep_search_pose_margin:
+                        if not self._weak(score) and not self._search_pose_wins(
+                                self._timed_verify(frame, start, own_stages), score):
                             guessed[0] = (best.cam_from_spine.copy(), score)
                 return guessed[0]
 
@@ -1072,8 +1071,19 @@ class RegistrationPipeline:
         :meth:`_polish`): ``(polish fit, final fit)`` for :meth:`_polish` and
         :meth:`_final_icp`."""
         fit = self._polish_fit(frame, pose, stages)
-        polished = fit is not None and self._score(fit[1]) > score
-        return fit, self._final_fit(frame, fit[0] if polished else pose, stages)
+        return fit, self._final_fit(frame, fit[0] if self._polish_taken(fit, score) else pose,
+                                    stages)
+
+    def _search_pose_wins(self, start_check: DepthAgreement, score: float) -> bool:
+        """The search's own pose (verified as ``start_check``) stands instead of the
+        method's result of verification ``score``: it agrees clearly better
+        (``keep_search_pose_margin``)."""
+        return self._score(start_check) > score + self.config.keep_search_pose_margin
+
+    def _polish_taken(self, fit, score: float) -> bool:
+        """The polish's :meth:`_polish_fit` replaces a registration of verification
+        ``score``: it ran and verifies better."""
+        return fit is not None and self._score(fit[1]) > score
 
     def _wants_stability_check(self, features: dict[str, float]) -> bool:
         """The gate would refuse the global registration for its calibrated confidence, and
@@ -1132,14 +1142,11 @@ class RegistrationPipeline:
         :meth:`_polish_fit` from ``estimate``'s pose when it has already run."""
         if fit is _NOT_RUN:
             fit = self._polish_fit(frame, estimate.cam_from_spine, stages)
-        if fit is None:
+        if not self._polish_taken(fit, score):
             return estimate, check, score
         pose, polished = fit
-        polished_score = self._score(polished)
-        if polished_score <= score:
-            return estimate, check, score
         estimate.cam_from_spine = pose
-        return estimate, polished, polished_score
+        return estimate, polished, self._score(polished)
 
     def _polish_fit(self, frame: Frame, pose: np.ndarray, stages: dict[str, float]):
         """The polish's whole-model ICP (``polish_icp_distances_mm``) from ``pose``,

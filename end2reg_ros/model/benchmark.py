@@ -112,6 +112,9 @@ def _pipeline_figures(args, method, specimen, camera) -> dict:
     import time
     from dataclasses import replace
 
+    import torch
+
+    from end2reg_ros.parallel import openblas_threads
     from end2reg_ros.pipeline import DEFAULT_CALIBRATION, PipelineConfig, RegistrationPipeline
     from end2reg_ros.synth.generate import ViewSampler, render_frames
 
@@ -123,10 +126,6 @@ def _pipeline_figures(args, method, specimen, camera) -> dict:
         config = replace(config, global_search=replace(config.global_search,
                                                        workers=args.global_threads))
     pipeline = RegistrationPipeline(method, specimen, config=config, calibration=calibration)
-    import torch
-
-    from end2reg_ros.parallel import openblas_threads
-
     blas = sorted(set(openblas_threads().values()))
     math_threads = {"openblas": blas, "torch": torch.get_num_threads()}
     print(f"\npipeline (confidence: "
