@@ -133,8 +133,8 @@ def _loaded_openblas() -> list[str]:
     elsewhere none are found)."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            paths = {line.split(None, 5)[5].strip() for line in maps
-                     if len(line.split(None, 5)) == 6 and "openblas" in line.lower()}
+            fields = (line.split(None, 5) for line in maps if "openblas" in line.lower())
+            paths = {parts[5].strip() for parts in fields if len(parts) == 6}
     except OSError:
         return []
     return sorted(path for path in paths if path.startswith("/") and ".so" in path)
