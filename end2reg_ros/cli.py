@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("end2reg_ros.synth.cli", "generate synthetic specimens as rosbag2 recordings"),
     "evaluate": ("end2reg_ros.evaluation", "run registration methods on recordings, print the table"),
+    "results-table": ("end2reg_ros.results_table", "the README's results table from evaluate reports"),
     "calibrate": ("end2reg_ros.calibration", "fit the node's confidence on validation reports, choose the gate"),
     "fit-bone-colour": ("end2reg_ros.registration.bone_colour", "fit the global search's bone colour classifier on labelled recordings"),
     "train": ("end2reg_ros.model.train", "train End2Reg (or an ablation) on recordings"),

@@ -1,0 +1,103 @@
+"""``end2reg results-table``: the README's headline table from ``end2reg evaluate`` reports.
+
+One column per report (its data directory's name) and, with ``--pool LABEL``, one more column
+over all of them together. Rows: frames, TRE median and 95th percentile over every target
+point of every frame (mm), the share of frames whose median TRE is below 2 mm, and, for
+reports of ``--init node``, what the node's gate did: the share of frames accepted
+(published), how many accepted frames were more than 2 mm and more than 5 mm off, and the
+share above 2 mm among the accepted. Pooled figures are recomputed from the per-frame
+records, not averaged over the reports.
+
+Example (the README's held-out table)::
+
+    end2reg results-table docs/report_wide_719?.json --pool "wide 7190-7195"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from end2reg_ros.evaluation import gate_summary
+
+#: (key, row label, format) of the table
+ROWS = (
+    ("frames", "frames", "{:d}"),
+    ("tre_median_mm", "TRE median [mm]", "{:.2f}"),
+    ("tre_p95_mm", "TRE p95 [mm]", "{:.1f}"),
+    ("success_2mm", "frames < 2 mm", "{:.1%}"),
+    ("accepted_rate", "accepted (published)", "{:.1%}"),
+    ("accepted_over_2mm", "accepted > 2 mm", "{:d}"),
+    ("false_accept_2mm", "share of accepted > 2 mm", "{:.2%}"),
+    ("accepted_over_5mm", "accepted > 5 mm", "{:d}"),
+)
+
+
+def column(records: list[dict]) -> dict:
+    """The table's figures over per-frame records of one method (``tre_mm`` per target,
+    ``tre_median_mm``; ``accepted`` when the report is of ``--init node``)."""
+    if not records:
+        raise ValueError("no per-frame records")
+    targets = np.concatenate([np.asarray(r["tre_mm"], dtype=float) for r in records])
+    frame_medians = np.array([r["tre_median_mm"] for r in records], dtype=float)
+    out = {
+        "frames": len(records),
+        "tre_median_mm": float(np.median(targets)),
+        "tre_p95_mm": float(np.percentile(targets, 95)),
+        "success_2mm": float(np.mean(frame_medians < 2.0)),
+    }
+    if all("accepted" in r for r in records):
+        out.update(gate_summary(records))
+    return out
+
+
+def load_records(path: str | Path, method: str) -> tuple[str, list[dict]]:
+    """``(column name, per-frame records of method)`` of one report; ValueError with the
+    reason for a file that is not an ``end2reg evaluate`` report."""
+    try:
+        report = json.loads(Path(path).read_text())
+        records = report["per_frame"][method]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not an `end2reg evaluate` report with method {method!r} "
+                         f"({err})") from err
+    name = Path(str(report.get("data_dir") or path)).name
+    return name, records
+
+
+def markdown(columns: dict[str, dict]) -> str:
+    """Markdown table: one row per figure of :data:`ROWS`, one column per entry."""
+    names = list(columns)
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for key, label, fmt in ROWS:
+        cells = []
+        for name in names:
+            value = columns[name].get(key)
+            cells.append("n/a" if value is None else fmt.format(value))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("reports", nargs="+", help="reports of `end2reg evaluate`")
+    parser.add_argument("--method", default="end2reg", help="method whose frames to use")
+    parser.add_argument("--pool", metavar="LABEL", default=None,
+                        help="add a column over all the reports' frames together")
+
+
+def run(args: argparse.Namespace) -> int:
+    columns: dict[str, dict] = {}
+    pooled: list[dict] = []
+    for path in args.reports:
+        name, records = load_records(path, args.method)
+        key, k = name, 2
+        while key in columns:  # two reports of the same data directory
+            key, k = f"{name} ({k})", k + 1
+        columns[key] = column(records)
+        pooled += records
+    if args.pool:
+        columns[args.pool] = column(pooled)
+    print(markdown(columns))
+    return 0
