@@ -17,7 +17,9 @@ stored, and drawn beside the in-sample curve in the reliability diagram. They di
 on the bundled calibration: see the README.
 
 Frames whose level margin is below ``--min-level-margin`` (the gate's floor, default the
-node's) count as refused in the gate tables whatever their confidence; the fit uses them.
+node's), or whose reversal margin (when the report has it) is below
+``--min-reversal-margin``, count as refused in the gate tables whatever their confidence; the
+fit uses them.
 
 Gate: the smallest ``min_confidence`` at which the accepted frames of the validation reports
 contain at most ``--max-false-accept`` (share) with TRE > 2 mm and none with TRE > 5 mm,
@@ -286,6 +288,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=SafetyLimits().min_level_margin,
                         help="the gate's level-margin floor: frames below it count as refused "
                         "in the gate tables (default: the node's, %(default)s)")
+    parser.add_argument("--min-reversal-margin", type=float,
+                        default=SafetyLimits().min_reversal_margin,
+                        help="the gate's reversal-margin floor, likewise, for frames whose "
+                        "report has the reversal margin (default: the node's, %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -315,6 +321,9 @@ def run(args: argparse.Namespace) -> int:
     oof = out_of_fold(rows, l2, args.folds, ignore, modes)
     refused = np.array([not (r["features"].get("level_margin", np.inf)
                              >= args.min_level_margin) for r in rows])
+    reversal = np.array([not (r["features"].get("reversal_margin", np.inf)
+                              >= args.min_reversal_margin) for r in rows])
+    refused |= reversal
     oof_table = gate_table(oof, tre, refused)
     brier = float(np.mean((probs - success) ** 2))
     table = gate_table(probs, tre, refused)
@@ -330,7 +339,9 @@ def run(args: argparse.Namespace) -> int:
         "max_false_accept": args.max_false_accept,
         "margin_steps": args.margin_steps,
         "min_level_margin": args.min_level_margin,
-        "refused_by_level_margin": int(refused.sum()),
+        "refused_by_level_margin": int((refused & ~reversal).sum()),
+        "min_reversal_margin": args.min_reversal_margin,
+        "refused_by_reversal_margin": int(reversal.sum()),
         "l2": l2,
         "ignored_features": list(ignore),
         "in_sample_log_loss": log_loss(probs, success),
@@ -347,9 +358,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(rows)} validation frames ({model.extra['modes']}), {success.mean():.1%} below "
           f"2 mm; L2 {l2:g}; in-sample Brier score {brier:.4f}, out of fold "
           f"{model.extra['out_of_fold_brier']:.4f}")
-    print(f"level margin below {args.min_level_margin:g}: {int(refused.sum())} frames refused "
-          f"whatever their confidence ({int((refused & (tre < SUCCESS_MM)).sum())} of them "
-          "below 2 mm)")
+    print(f"level margin below {args.min_level_margin:g} or reversal margin below "
+          f"{args.min_reversal_margin:g}: {int(refused.sum())} frames refused whatever their "
+          f"confidence ({int((refused & (tre < SUCCESS_MM)).sum())} of them below 2 mm; "
+          f"{int(reversal.sum())} for the reversal margin)")
     print("min_confidence | accepted | accepted >2mm | accepted >5mm | out of fold: accepted |"
           " >2mm | >5mm")
     for row, o in zip(table, oof_table):

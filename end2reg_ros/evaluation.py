@@ -119,7 +119,8 @@ def evaluate(
     ``methods[NAME]`` (:func:`metrics.summarize` keys), ``initial_pose`` (the same metrics
     of the initial poses themselves, for reference) and ``per_frame[NAME]`` (one record
     per frame: specimen, frame index, stamp, per-target TRE, RMSE, RRE, RTE, wrong level,
-    runtime, confidence, failed). ``method_options``: keyword options per method name for
+    runtime, the estimated pose ``cam_from_model`` (4x4 row-major, mm, the model as stored to
+    the optical frame), confidence, failed). ``method_options``: keyword options per method name for
     :func:`registration.make_method` (e.g. ``{"end2reg": {"weights": "run/final.safetensors"}}``).
     ``init``: ``node`` or ``prior`` (module docstring). ``tracking``: None = on for
     smooth-motion recordings only. ``calibration``: passed to the pipeline (None = the
@@ -225,6 +226,10 @@ def evaluate(
                         "rte_mm": fm.rte_mm,
                         "wrong_level": bool(fm.wrong_level),
                         "runtime_ms": runtime_ms,
+                        # the estimate (mm) mapping the model as stored into the optical
+                        # frame, row-major: for offline checks of the registered poses
+                        "cam_from_model": [round(float(v), 6)
+                                           for v in (pose @ spine_from_user).ravel()],
                         "confidence": confidence,
                         "failed": failed,
                         **extra,

@@ -225,6 +225,13 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "level fits almost as well (0.02: refuses 8 of 31 wrong-level and 2 of 427 "
               "correct validation registrations, README)",
               _finite, dynamic=True),
+    ParamSpec("min_reversal_margin", "double", 0.02, "",
+              "gate: smallest accepted reversal margin of a global registration (verification "
+              "score of the pose minus that of the pose turned 180 deg about the spine's "
+              "posterior axis and refined): below it the spine the other way round fits as "
+              "well (a reversed spine 67.5 mm off had -0.029, right registrations 0.11-0.36; "
+              "README)",
+              _finite, dynamic=True),
     ParamSpec("max_residual_mm", "double", 5.0, "mm",
               "gate: largest accepted RMS residual of the used scene points", _positive,
               dynamic=True),

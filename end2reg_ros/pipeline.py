@@ -190,6 +190,16 @@ def _method_option(method: RegistrationMethod, name: str, value):
 #: :meth:`RegistrationPipeline._polish`'s ICP has not run yet
 _NOT_RUN = object()
 
+#: key of the reversed pose's ICP score in :meth:`RegistrationPipeline._rivals`'s table
+_REVERSAL = "reversal check"
+
+
+def _reversal_margin(features: dict[str, float], mode: str) -> float | None:
+    """The reversal margin the gate checks: a global registration's (None when not
+    computed); a tracked frame's track started from a global registration that passed it."""
+    value = features.get("reversal_margin") if mode == "global" else None
+    return None if value is None else float(value)
+
 
 def _voxel_means(points: np.ndarray, voxel_mm: float) -> np.ndarray:
     """Mean of the points (K, 3) in each occupied ``voxel_mm`` cube (the network's scene
@@ -341,6 +351,18 @@ class PipelineConfig:
     #: ``rival_swap_margin`` replaces it. Good poses scored 0.09-0.12 at their 10th
     #: percentile on the validation sets, wrong ones mostly below 0.1.
     rivals_below_score: float | None = 0.1
+    #: global mode: the chosen pose turned 180 deg about the spine's posterior axis through
+    #: the model's centre (cranial and caudal swapped: a reversed spine looks much like the
+    #: right one from above) is refined by an ICP of the whole model and verified, on every
+    #: global registration, weak or not; ``features["reversal_margin"]`` is the pose's
+    #: verification score minus that one's, and the gate refuses a registration whose
+    #: margin is below ``SafetyLimits.min_reversal_margin``. A weak registration also runs
+    #: the method from the reversed pose (``rivals_below_score``); a strong one did not
+    #: check it at all: on the fresh validation set 551 a strong registration of a reversed
+    #: spine, 67.5 mm off, was published at confidence 0.982; its turned pose refined to
+    #: 0.9 mm and verified better (margin -0.029), while 40 right registrations sampled
+    #: from the validation sets 549-553 had margins of 0.11-0.36. False: not computed.
+    reversal_check: bool = True
     rival_swap_margin: float = 0.01
     #: a weak registration also runs the method from the search's next
     #: ``weak_extra_hypotheses`` ranked hypotheses (after its ``refined_top_k``) before the
@@ -755,6 +777,7 @@ class RegistrationPipeline:
         valid, reason = self.gate.check(
             estimate.cam_from_spine, confidence, float(estimate.residual_mm),
             int(estimate.num_points), frame.stamp_ns, now, level_margin,
+            _reversal_margin(features, mode),
         )
         if valid and self._unreproduced(features, mode):
             checked = ", nor its runs from starts around it" if "reproduced" in features else ""
@@ -769,7 +792,7 @@ class RegistrationPipeline:
         and age): the pose verified, whether or not it could be published."""
         ok, _ = self.gate.check_content(
             estimate.cam_from_spine, confidence, float(estimate.residual_mm),
-            int(estimate.num_points), level_margin)
+            int(estimate.num_points), level_margin, _reversal_margin(features, mode))
         return ok and not self._unreproduced(features, mode)
 
     def _unreproduced(self, features: dict[str, float], mode: str) -> bool:
@@ -947,7 +970,8 @@ class RegistrationPipeline:
         if self._search_pose_wins(start_check, best_score):
             best, check = self._keep_search_pose(frame, best, start), start_check
             best_score = self._score(start_check)
-        # the rivals (one vertebra cranially / caudally; reversed too when weak) and beside
+        # the rivals (one vertebra cranially / caudally; reversed: refined and verified, and
+        # when weak the method's run from it) and beside
         # them the polish's ICP of the chosen pose and the dense final ICP from where the
         # polish leaves it (both used unless a rival replaces the pose); all of them already
         # ran in the first pass's idle slot when that guessed this pose and score
@@ -972,6 +996,7 @@ class RegistrationPipeline:
         best, check, best_score = self._polish(frame, best, check, best_score, stages,
                                                polish_fit)
         levels = [rivals[k][0] for k in ("cranial", "caudal") if k in rivals]
+        reversal = rivals.get(_REVERSAL)
         # each refined hypothesis (voters are a subset of them): does it agree with best?
         same = {id(r): self._target_distance(best.cam_from_spine, r[1].cam_from_spine)
                 <= cfg.same_pose_mm for r in refined}
@@ -980,6 +1005,8 @@ class RegistrationPipeline:
         margin = best_score - (max(others) if others else -1.0)
         features = self._features(check, best, margin, support, 0.0)
         features["level_margin"] = float(best_score - max(levels)) if levels else 1.0
+        if reversal is not None:
+            features["reversal_margin"] = float(best_score - reversal[0])
         features["hypotheses"] = len(refined)
         features["weak_first_pass"] = float(weak_first_pass)
         # both checks use the same six runs; only the stability check needs their scores
@@ -1224,6 +1251,9 @@ class RegistrationPipeline:
         and ``reversed`` (turned 180 deg about the spine's posterior axis through the model's
         centre: cranial and caudal swapped).
 
+        The reversed pose is scored by an ICP of the whole model too (``reversal_check``),
+        under the key :data:`_REVERSAL` (never a challenger: it gives the reversal margin).
+
         The levels are always scored by an ICP of the whole model from the shifted pose
         (estimate None). When ``best`` is weak (score below ``rivals_below_score``) the
         registration method also runs from each rival start (it corrects ~6 mm / 6 deg but
@@ -1245,23 +1275,25 @@ class RegistrationPipeline:
 
     def _rival_starts(self, weak: bool) -> dict[str, np.ndarray]:
         """Spine-frame moves to the rivals of :meth:`_rivals`: the levels (when the specimen
-        has more than one vertebra) and, for a weak registration, the reversed pose."""
+        has more than one vertebra) and the reversed pose, for a weak registration or for
+        the reversal check (``reversal_check``)."""
         starts = {}
         if self._level_step is not None:
             starts = {"cranial": make_pose(np.eye(3), -self._level_step),
                       "caudal": make_pose(np.eye(3), self._level_step)}
-        if weak:
+        if weak or self.config.reversal_check:
             starts["reversed"] = self._turn_about_centre(math.pi)
         return starts
 
     def _rival_fit(self, frame: Frame, pose: np.ndarray, kind: str, rival: np.ndarray,
                    weak: bool, stages: dict[str, float]):
-        """One rival of :meth:`_rivals` from ``pose @ rival``: ``(the level's ICP score or
-        None, challenger (score, estimate, check) or None)``."""
+        """One rival of :meth:`_rivals` from ``pose @ rival``: ``(the ICP score of the level,
+        or of the reversed pose with ``reversal_check``, or None; challenger (score,
+        estimate, check) or None)``; the method runs only for a weak registration."""
         start = pose @ rival
         t1 = time.perf_counter()
         level = None
-        if kind != "reversed":
+        if kind != "reversed" or self.config.reversal_check:
             icp = self._icp_from(frame, start, None)
             if icp is not None:
                 level = self._score(self._verify(frame, icp[0]))
@@ -1279,7 +1311,9 @@ class RegistrationPipeline:
         """:meth:`_rivals`'s table from the :meth:`_rival_fit` results, in ``starts``'s order."""
         out: dict = {}
         for kind, (level, challenger) in zip(starts, results):
-            if level is not None:
+            if level is not None and kind == "reversed":
+                out[_REVERSAL] = (level, None, None)  # beside the challenger, if any
+            elif level is not None:
                 out[kind] = (level, None, None)
             if challenger is not None and (kind not in out or challenger[0] >= out[kind][0]):
                 out[kind] = challenger

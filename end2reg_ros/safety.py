@@ -33,7 +33,10 @@ class SafetyLimits:
     level margin (verification score of the pose minus that of the same registration moved
     by one vertebra cranially or caudally and refined; a fraction of the model's checked
     points): below it the neighbouring level explains the image almost as well, the
-    wrong-level ambiguity a confidence fitted on few such frames can miss.
+    wrong-level ambiguity a confidence fitted on few such frames can miss;
+    ``min_reversal_margin``: smallest accepted reversal margin (verification score of the pose
+    minus that of the pose turned 180 deg about the spine's posterior axis and refined):
+    below it the spine the other way round explains the image as well or better.
     """
 
     min_confidence: float = 0.97
@@ -46,6 +49,7 @@ class SafetyLimits:
     max_future_s: float = 0.5
     orthonormal_tolerance: float = 1e-3
     min_level_margin: float = 0.02
+    min_reversal_margin: float = 0.02
 
 
 def check_pose(pose: np.ndarray, limits: SafetyLimits) -> tuple[bool, str]:
@@ -128,15 +132,18 @@ class SafetyGate:
         stamp_ns: int,
         now_ns: int | None,
         level_margin: float | None = None,
+        reversal_margin: float | None = None,
     ) -> tuple[bool, str]:
         """Full gate for one registered frame; records the stamp as processed.
 
         ``now_ns`` None skips the age check (ROS time not available yet: ``use_sim_time``
         before the first /clock message). ``level_margin`` None (a method without that
-        verification) skips the level check.
+        verification) skips the level check; ``reversal_margin`` None (not computed: a
+        tracked frame, or the check off) the reversal check.
 
         Order of checks: stamp (ordering, age), pose (finite, orthonormal, range), number of
-        points, confidence, residual, level margin. The first failure is the reason.
+        points, confidence, residual, level margin, reversal margin. The first failure is
+        the reason.
         """
         valid, reason = self.check_stamp(stamp_ns, now_ns)
         if stamp_ns > 0:
@@ -144,11 +151,11 @@ class SafetyGate:
         if not valid:
             return False, reason
         return self.check_content(cam_from_spine, confidence, residual_mm, num_points,
-                                  level_margin)
+                                  level_margin, reversal_margin)
 
     def check_content(
         self, cam_from_spine: np.ndarray, confidence: float, residual_mm: float, num_points: int,
-        level_margin: float | None = None,
+        level_margin: float | None = None, reversal_margin: float | None = None,
     ) -> tuple[bool, str]:
         """The checks of :meth:`check` that concern the registration itself (pose, points,
         confidence, residual, level margin), not the frame's stamp or age; records nothing."""
@@ -169,5 +176,12 @@ class SafetyGate:
             return False, (
                 f"level ambiguous: one vertebra up or down fits almost as well (level margin "
                 f"{level_margin:.3f} < min_level_margin {lim.min_level_margin:.3f})"
+            )
+        if reversal_margin is not None and not (math.isfinite(reversal_margin)
+                                                and reversal_margin >= lim.min_reversal_margin):
+            return False, (
+                f"reversal ambiguous: the spine turned 180 deg fits almost as well or better "
+                f"(reversal margin {reversal_margin:.3f} < min_reversal_margin "
+                f"{lim.min_reversal_margin:.3f})"
             )
         return True, OK

@@ -66,6 +66,10 @@ def test_evaluate_cli_writes_report_table_and_png(tiny, tmp_path, capsys):
     assert report["initial_pose"]["frames"] == 2
     assert report["data_dir"].endswith(root.name)
     assert [r["frame"] for r in report["per_frame"]["oracle"]] == [0, 1]
+    for rec in report["per_frame"]["oracle"]:  # the estimated pose, a rigid 4x4 (mm)
+        pose = np.array(rec["cam_from_model"]).reshape(4, 4)
+        assert np.allclose(pose[3], [0, 0, 0, 1])
+        assert np.allclose(pose[:3, :3].T @ pose[:3, :3], np.eye(3), atol=1e-5)
     # the oracle is the noise floor of this easy data
     assert report["methods"]["oracle"]["tre_median_mm"] < 1.0
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -537,6 +537,60 @@ def test_an_unreproduced_registration_is_checked_from_starts_around_it(
         assert "reproduced" not in result.reason  # judged like any other registration
 
 
+class _MovedMethod(RegistrationMethod):
+    """The real method, but its first ``calls`` results are moved by ``move`` (spine frame,
+    ``pose @ move``)."""
+
+    name = "moved"
+
+    def __init__(self, inner, move, calls):
+        self.inner, self.move, self.moved_calls, self.calls = inner, move, calls, 0
+
+    def prepare(self, specimen):
+        self.inner.prepare(specimen)
+        self.model = getattr(self.inner, "model", None)
+
+    def register(self, frame, init_cam_from_spine):
+        estimate = self.inner.register(frame, init_cam_from_spine)
+        self.calls += 1
+        if self.calls <= self.moved_calls:
+            estimate.cam_from_spine = np.asarray(estimate.cam_from_spine, float) @ self.move
+        return estimate
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_a_strong_reversed_registration_is_refused_for_its_reversal_margin(
+        method, specimen, recording, check):
+    """Every search hypothesis comes back turned 180 deg about the spine's posterior axis (a
+    reversed spine), and the registration is not weak enough for the rivals' method runs:
+    only the reversal check sees that the turned pose, refined, fits the image better. A
+    right registration's turned pose fits far worse. The confidence is held at 0.99 and the
+    level floor off, so that the reversal margin alone decides."""
+    limits = SafetyLimits(min_level_margin=-math.inf)
+    right = RegistrationPipeline(method, specimen, limits, PipelineConfig(
+        tracking=False, rivals_below_score=None), calibration=_FixedConfidence(0.99))
+    result = right.process(recording[0])
+    assert _tre(result, recording[0], specimen) < 2.0 and result.valid
+    assert result.features["reversal_margin"] > 0.05
+    turned = _MovedMethod(method, right._turn_about_centre(math.pi),
+                          int(result.features["hypotheses"]))
+    config = PipelineConfig(
+        tracking=False, rivals_below_score=None, keep_search_pose_margin=math.inf,
+        weak_extra_hypotheses=0, weak_search_pool=0, weak_climb_steps=(),
+        weak_tilt_directions=0, confirm_min_returns=0, reversal_check=check)
+    pipe = RegistrationPipeline(turned, specimen, limits, config,
+                                calibration=_FixedConfidence(0.99))
+    result = pipe.process(recording[0])
+    assert _tre(result, recording[0], specimen) > 20.0  # the reversed spine came out
+    if check:
+        assert result.features["reversal_margin"] < 0.0
+        assert not result.valid and "reversal ambiguous" in result.reason
+        assert pipe.anchor_pose is None  # nor a start for re-acquisition
+    else:
+        assert "reversal_margin" not in result.features
+        assert result.valid  # what the gate did before the check: published
+
+
 class _FixedConfidence:
     """A calibration stand-in: the same probability for every registration."""
 

@@ -40,6 +40,8 @@ def test_good_registration_passes_with_reason_ok():
         (dict(stamp_ns=0, now_ns=S), "no stamp"),
         (dict(level_margin=0.019), "level ambiguous"),
         (dict(level_margin=float("nan")), "min_level_margin"),
+        (dict(reversal_margin=0.019), "reversal ambiguous"),
+        (dict(reversal_margin=float("nan")), "min_reversal_margin"),
     ],
 )
 def test_each_threshold_rejects_with_a_reason_naming_it(overrides, words):
@@ -63,6 +65,19 @@ def test_level_margin_floor_is_inclusive_and_skipped_when_unknown():
     assert not gate.check_content(GOOD_POSE, 0.99, 1.2, 5000, level_margin=-0.01)[0]
     assert SafetyGate(SafetyLimits(min_level_margin=-1.0)).check(
         **good_kwargs(level_margin=-0.5)) == (True, OK)
+
+
+def test_reversal_margin_floor_is_inclusive_skipped_when_unknown_and_after_the_level():
+    gate = SafetyGate(SafetyLimits(min_reversal_margin=0.02))
+    assert gate.check(**good_kwargs(reversal_margin=0.02)) == (True, OK)
+    assert gate.check(**good_kwargs(reversal_margin=None)) == (True, OK)
+    assert not gate.check_content(GOOD_POSE, 0.99, 1.2, 5000, reversal_margin=-0.03)[0]
+    # both ambiguous: the level is named first
+    valid, reason = gate.check_content(GOOD_POSE, 0.99, 1.2, 5000, level_margin=0.0,
+                                       reversal_margin=-0.03)
+    assert not valid and "level ambiguous" in reason
+    assert SafetyGate(SafetyLimits(min_reversal_margin=-1.0)).check(
+        **good_kwargs(reversal_margin=-0.5)) == (True, OK)
 
 
 def test_unknown_now_skips_only_the_age_check():

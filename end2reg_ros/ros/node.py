@@ -375,6 +375,7 @@ class End2RegNode(Node):
             max_depth_mm=float(p["max_depth_mm"]),
             max_lateral_mm=float(p["max_lateral_mm"]),
             min_level_margin=float(p["min_level_margin"]),
+            min_reversal_margin=float(p["min_reversal_margin"]),
         )
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
