@@ -39,7 +39,7 @@ class SafetyLimits:
     below it the spine the other way round explains the image as well or better.
     """
 
-    min_confidence: float = 0.97
+    min_confidence: float = 0.985
     max_residual_mm: float = 5.0
     min_points: int = 200
     max_age_s: float = 2.0
