@@ -267,7 +267,8 @@ def test_gated_or_failed_registration_sends_no_tf_but_an_invalid_result(node):
     node.process(*msgs)
     assert node.sent_tf == []
     result = node.sent_results[-1]
-    assert not result.valid and "confidence 0.200 < min_confidence 0.970" in result.reason
+    floor = node.p["min_confidence"]  # the node's default gate
+    assert not result.valid and f"confidence 0.200 < min_confidence {floor:.3f}" in result.reason
     use_method(node, ScriptedMethod(fail=True))
     node.process(*frame_msgs(node)[0])
     assert node.sent_tf == []
