@@ -194,7 +194,19 @@ _NOT_RUN = object()
 _REVERSAL = "reversal check"
 
 
-def _reversal_margin(features: dict[str, float], mode: str) -> float | None:
+#: how the reason of a refused unreproduced registration (:func:`unreproduced`) begins
+UNREPRODUCED_REASON = "weak registration that no run of the method"
+
+
+def unreproduced(features: dict[str, float], mode: str) -> bool:
+    """:meth:`RegistrationPipeline._unreproduced` from a frame's features (mode: global or
+    tracking): what the gate refuses on top of :class:`SafetyGate`'s checks."""
+    return (mode == "global" and features.get("weak_first_pass", 0.0) > 0.0
+            and features.get("support", 1.0) <= 0.0
+            and features.get("reproduced", 0.0) <= 0.0)
+
+
+def gated_reversal_margin(features: dict[str, float], mode: str) -> float | None:
     """The reversal margin the gate checks: a global registration's (None when not
     computed); a tracked frame's track started from a global registration that passed it."""
     value = features.get("reversal_margin") if mode == "global" else None
@@ -777,11 +789,11 @@ class RegistrationPipeline:
         valid, reason = self.gate.check(
             estimate.cam_from_spine, confidence, float(estimate.residual_mm),
             int(estimate.num_points), frame.stamp_ns, now, level_margin,
-            _reversal_margin(features, mode),
+            gated_reversal_margin(features, mode),
         )
         if valid and self._unreproduced(features, mode):
             checked = ", nor its runs from starts around it" if "reproduced" in features else ""
-            valid, reason = False, ("weak registration that no run of the method from the "
+            valid, reason = False, (f"{UNREPRODUCED_REASON} from the "
                                     f"search's hypotheses reproduced (support 0){checked}: "
                                     "refused")
         return confidence, level_margin, valid, reason
@@ -792,10 +804,11 @@ class RegistrationPipeline:
         and age): the pose verified, whether or not it could be published."""
         ok, _ = self.gate.check_content(
             estimate.cam_from_spine, confidence, float(estimate.residual_mm),
-            int(estimate.num_points), level_margin, _reversal_margin(features, mode))
+            int(estimate.num_points), level_margin, gated_reversal_margin(features, mode))
         return ok and not self._unreproduced(features, mode)
 
-    def _unreproduced(self, features: dict[str, float], mode: str) -> bool:
+    @staticmethod
+    def _unreproduced(features: dict[str, float], mode: str) -> bool:
         """A global result whose first pass was weak (``rivals_below_score``) and which no
         method run from a search hypothesis reached (``support`` 0: a rival or a kept search
         pose nothing else agreed with) and that the method did not come back to from starts
@@ -803,9 +816,7 @@ class RegistrationPipeline:
         neither published nor a start for re-acquisition. On the held-out 7100 set one was a
         spine turned 180 deg, 70 mm off, with confidence 0.998 (a kept search pose: the
         method had moved away from it)."""
-        return (mode == "global" and features.get("weak_first_pass", 0.0) > 0.0
-                and features.get("support", 1.0) <= 0.0
-                and features.get("reproduced", 0.0) <= 0.0)
+        return unreproduced(features, mode)
 
     def _remember(self, frame: Frame, estimate: RegistrationEstimate, mode: str,
                   features: dict[str, float]) -> None:

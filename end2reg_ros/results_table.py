@@ -8,9 +8,18 @@ reports of ``--init node``, what the node's gate did: the share of frames accept
 share above 2 mm among the accepted. Pooled figures are recomputed from the per-frame
 records, not averaged over the reports.
 
+``--calibration FILE`` (and ``--min-confidence``, ``--min-level-margin``,
+``--min-reversal-margin``) judges the frames of ``--init node`` reports again offline with
+another calibration or gate, as the node would have: the poses and the verification
+features do not depend on them (every frame of such a report is a global registration from
+scratch). A frame the gate refused for its stamp, its pose or its number of points stays
+refused; the others are judged again on their recorded features (confidence, residual,
+level margin, reversal margin, reproduction). Reports made before the reversal check lack
+its margin: for them that check is skipped, and the command says so.
+
 Example (the README's held-out table)::
 
-    end2reg results-table docs/report_wide_719?.json --pool "wide 7190-7195"
+    end2reg results-table docs/report_wide_719?.json --pool "7190-7195"
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from end2reg_ros.evaluation import gate_summary
+from end2reg_ros.safety import EVIDENCE_REASONS, OK, SafetyGate, SafetyLimits
 
 #: (key, row label, format) of the table
 ROWS = (
@@ -52,6 +62,40 @@ def column(records: list[dict]) -> dict:
     if all("accepted" in r for r in records):
         out.update(gate_summary(records))
     return out
+
+
+def regate(records: list[dict], model, limits: SafetyLimits) -> tuple[list[dict], int]:
+    """Copies of ``--init node`` per-frame records judged again with the confidence ``model``
+    (a :class:`~end2reg_ros.pipeline.ConfidenceModel`) and gate ``limits`` (module
+    docstring): ``accepted``, ``confidence`` and ``reason`` replaced. Also returns how many
+    re-judged global frames had no reversal margin (that check skipped)."""
+    from end2reg_ros.pipeline import UNREPRODUCED_REASON, gated_reversal_margin, unreproduced
+
+    gate = SafetyGate(limits)
+    out, no_reversal = [], 0
+    for rec in records:
+        reason = str(rec.get("reason") or "")
+        features = rec.get("features")
+        if "accepted" not in rec or not features:
+            raise ValueError("re-judging needs reports of `end2reg evaluate --init node` "
+                             "with the verification features")
+        rec = dict(rec)
+        if reason == OK or reason.startswith(EVIDENCE_REASONS + (UNREPRODUCED_REASON,)):
+            mode = rec.get("mode", "global")
+            confidence = model.probability(features, mode)
+            level = features.get("level_margin")
+            reversal = gated_reversal_margin(features, mode)
+            no_reversal += mode == "global" and reversal is None
+            valid, reason = gate.check_evidence(
+                confidence, float(features.get("residual_mm", np.inf)),
+                None if level is None else float(level), reversal)
+            if valid and unreproduced(features, mode):
+                valid, reason = False, f"{UNREPRODUCED_REASON} (re-judged)"
+            rec.update(accepted=valid, confidence=confidence, reason=reason)
+        else:
+            rec["accepted"] = False
+        out.append(rec)
+    return out, no_reversal
 
 
 def load_records(path: str | Path, method: str) -> tuple[str, list[dict]]:
@@ -85,13 +129,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="end2reg", help="method whose frames to use")
     parser.add_argument("--pool", metavar="LABEL", default=None,
                         help="add a column over all the reports' frames together")
+    defaults = SafetyLimits()
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="judge the frames again with this confidence calibration and "
+                        "the gate below (offline; see the module docstring)")
+    parser.add_argument("--min-confidence", type=float, default=defaults.min_confidence,
+                        help="with --calibration: the gate's threshold (default: the node's, "
+                        "%(default)s)")
+    parser.add_argument("--min-level-margin", type=float, default=defaults.min_level_margin,
+                        help="with --calibration (default: the node's, %(default)s)")
+    parser.add_argument("--min-reversal-margin", type=float,
+                        default=defaults.min_reversal_margin,
+                        help="with --calibration (default: the node's, %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
     columns: dict[str, dict] = {}
     pooled: list[dict] = []
+    model = limits = None
+    if args.calibration is not None:
+        from dataclasses import replace
+
+        from end2reg_ros.pipeline import ConfidenceModel
+
+        model = ConfidenceModel.load(args.calibration)
+        limits = replace(SafetyLimits(), min_confidence=args.min_confidence,
+                         min_level_margin=args.min_level_margin,
+                         min_reversal_margin=args.min_reversal_margin)
+    skipped = 0
     for path in args.reports:
         name, records = load_records(path, args.method)
+        if model is not None:
+            records, missing = regate(records, model, limits)
+            skipped += missing
         key, k = name, 2
         while key in columns:  # two reports of the same data directory
             key, k = f"{name} ({k})", k + 1
@@ -100,4 +170,7 @@ def run(args: argparse.Namespace) -> int:
     if args.pool:
         columns[args.pool] = column(pooled)
     print(markdown(columns))
+    if skipped:
+        print(f"\n({skipped} re-judged frames have no reversal margin (reports made before the "
+              "reversal check): that check was skipped for them.)")
     return 0

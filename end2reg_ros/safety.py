@@ -18,6 +18,9 @@ import numpy as np
 
 OK = "ok"
 
+#: how the reasons of :meth:`SafetyGate.check_evidence`'s refusals begin
+EVIDENCE_REASONS = ("confidence ", "residual ", "level ambiguous", "reversal ambiguous")
+
 
 @dataclass(frozen=True)
 class SafetyLimits:
@@ -165,6 +168,16 @@ class SafetyGate:
         lim = self.limits
         if not num_points >= lim.min_points:
             return False, f"only {num_points} scene points used < min_points {lim.min_points}"
+        return self.check_evidence(confidence, residual_mm, level_margin, reversal_margin)
+
+    def check_evidence(
+        self, confidence: float, residual_mm: float, level_margin: float | None = None,
+        reversal_margin: float | None = None,
+    ) -> tuple[bool, str]:
+        """The checks of :meth:`check_content` that weigh the registration's evidence, after
+        the pose and the number of points: confidence, residual, level margin, reversal
+        margin (their reasons begin as :data:`EVIDENCE_REASONS`); records nothing."""
+        lim = self.limits
         if not (math.isfinite(confidence) and confidence >= lim.min_confidence):
             return False, f"confidence {confidence:.3f} < min_confidence {lim.min_confidence:.3f}"
         if not (math.isfinite(residual_mm) and residual_mm <= lim.max_residual_mm):

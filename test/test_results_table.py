@@ -70,3 +70,62 @@ def test_a_file_that_is_not_a_report_is_a_clear_error(tmp_path):
     bad.write_text("not json")
     with pytest.raises(ValueError, match="bad.json"):
         results_table.load_records(bad, "end2reg")
+
+
+class _Fixed:
+    """A calibration stand-in: the same probability for every frame."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def probability(self, features, mode):
+        return self.value
+
+
+def _judged(reason, accepted, **features):
+    rec = _record([0.5, 0.5, 0.5], accepted)
+    rec.update(reason=reason, mode="global",
+               features={"residual_mm": 1.0, "level_margin": 0.1, "reversal_margin": 0.1,
+                         **features})
+    return rec
+
+
+def test_frames_are_judged_again_on_their_features_with_another_gate():
+    from end2reg_ros.safety import SafetyLimits
+
+    records = [
+        _judged("ok", True),
+        _judged("confidence 0.950 < min_confidence 0.970", False),
+        _judged("only 12 scene points used < min_points 200", False),  # stays refused
+        _judged("ok", True, reversal_margin=-0.03),
+        _judged("ok", True, level_margin=0.0),
+        _judged("ok", True, weak_first_pass=1.0, support=0.0),  # unreproduced
+        _judged("ok", True, reversal_margin=None),
+    ]
+    records[-1]["features"].pop("reversal_margin")
+    out, missing = results_table.regate(records, _Fixed(0.99), SafetyLimits(min_confidence=0.98))
+    assert [r["accepted"] for r in out] == [True, True, False, False, False, False, True]
+    assert "reversal ambiguous" in out[3]["reason"] and "level ambiguous" in out[4]["reason"]
+    assert "min_points" in out[2]["reason"] and out[1]["confidence"] == 0.99
+    assert missing == 1  # the last frame had no reversal margin: that check skipped
+    assert records[1]["accepted"] is False  # the records themselves are not changed
+    out, _ = results_table.regate(records, _Fixed(0.97), SafetyLimits(min_confidence=0.98))
+    assert not any(r["accepted"] for r in out)
+    assert out[0]["reason"].startswith("confidence 0.970 < min_confidence 0.980")
+
+
+def test_judging_again_needs_the_features(tmp_path, capsys):
+    from end2reg_ros.safety import SafetyLimits
+
+    with pytest.raises(ValueError, match="--init node"):
+        results_table.regate([_record([0.5, 0.5, 0.5])], _Fixed(0.99), SafetyLimits())
+    # through the command: the note on the skipped reversal check
+    rec = _judged("ok", True)
+    rec["features"].pop("reversal_margin")
+    path = _report(tmp_path / "a.json", "set_a", [rec])
+    cal = tmp_path / "cal.json"
+    from end2reg_ros.pipeline import DEFAULT_CALIBRATION
+
+    cal.write_text(DEFAULT_CALIBRATION.read_text())
+    assert cli.main(["results-table", path, "--calibration", str(cal)]) == 0
+    assert "1 re-judged frames have no reversal margin" in capsys.readouterr().out
