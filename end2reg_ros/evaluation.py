@@ -137,6 +137,7 @@ def evaluate(
     from end2reg_ros.data.bag import read_recording
     from end2reg_ros.data.dataset import list_specimens
 
+    commit = _git_commit()  # the code that runs (the tree may move on during a long run)
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise ValueError("no method to evaluate")
@@ -261,7 +262,7 @@ def evaluate(
         "method_options": {name: {k: str(v) if isinstance(v, Path) else v
                                   for k, v in options.get(name, {}).items()}
                            for name in methods if options.get(name)},
-        "commit": _git_commit(),
+        "commit": commit,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "prior": {
             "max_rotation_deg": prior.max_rotation_deg,
