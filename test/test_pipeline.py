@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 
+from end2reg_ros.geometry import make_pose
 from end2reg_ros.metrics import frame_metrics
 from end2reg_ros.pipeline import (
     FEATURES,
@@ -449,8 +450,11 @@ class _WrongLevelMethod(RegistrationMethod):
 
     name = "wrong level"
 
-    def __init__(self, inner, level_step, wrong_calls, steady_calls=None, drift_mm=0.0):
+    def __init__(self, inner, level_step, wrong_calls, steady_calls=None, drift_mm=0.0,
+                 move=None):
         self.inner, self.level_step, self.wrong_calls, self.calls = inner, level_step, wrong_calls, 0
+        #: the spine-frame move of the first results (default: one level caudally)
+        self.move = make_pose(np.eye(3), level_step) if move is None else move
         self.steady_calls = None if steady_calls is None else wrong_calls + steady_calls
         self.drift_mm = float(drift_mm)
 
@@ -462,9 +466,7 @@ class _WrongLevelMethod(RegistrationMethod):
         estimate = self.inner.register(frame, init_cam_from_spine)
         self.calls += 1
         if self.calls <= self.wrong_calls:
-            shift = np.eye(4)
-            shift[:3, 3] = self.level_step
-            estimate.cam_from_spine = np.asarray(estimate.cam_from_spine, float) @ shift
+            estimate.cam_from_spine = np.asarray(estimate.cam_from_spine, float) @ self.move
         elif self.steady_calls is not None and self.calls > self.steady_calls:
             shift = np.eye(4)
             shift[0, 3] = self.drift_mm
@@ -537,27 +539,6 @@ def test_an_unreproduced_registration_is_checked_from_starts_around_it(
         assert "reproduced" not in result.reason  # judged like any other registration
 
 
-class _MovedMethod(RegistrationMethod):
-    """The real method, but its first ``calls`` results are moved by ``move`` (spine frame,
-    ``pose @ move``)."""
-
-    name = "moved"
-
-    def __init__(self, inner, move, calls):
-        self.inner, self.move, self.moved_calls, self.calls = inner, move, calls, 0
-
-    def prepare(self, specimen):
-        self.inner.prepare(specimen)
-        self.model = getattr(self.inner, "model", None)
-
-    def register(self, frame, init_cam_from_spine):
-        estimate = self.inner.register(frame, init_cam_from_spine)
-        self.calls += 1
-        if self.calls <= self.moved_calls:
-            estimate.cam_from_spine = np.asarray(estimate.cam_from_spine, float) @ self.move
-        return estimate
-
-
 @pytest.mark.parametrize("check", [True, False])
 def test_a_strong_reversed_registration_is_refused_for_its_reversal_margin(
         method, specimen, recording, check):
@@ -572,8 +553,8 @@ def test_a_strong_reversed_registration_is_refused_for_its_reversal_margin(
     result = right.process(recording[0])
     assert _tre(result, recording[0], specimen) < 2.0 and result.valid
     assert result.features["reversal_margin"] > 0.05
-    turned = _MovedMethod(method, right._turn_about_centre(math.pi),
-                          int(result.features["hypotheses"]))
+    turned = _WrongLevelMethod(method, None, int(result.features["hypotheses"]),
+                               move=right._turn_about_centre(math.pi))
     config = PipelineConfig(
         tracking=False, rivals_below_score=None, keep_search_pose_margin=math.inf,
         weak_extra_hypotheses=0, weak_search_pool=0, weak_climb_steps=(),
