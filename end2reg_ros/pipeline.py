@@ -199,8 +199,14 @@ UNREPRODUCED_REASON = "weak registration that no run of the method"
 
 
 def unreproduced(features: dict[str, float], mode: str) -> bool:
-    """:meth:`RegistrationPipeline._unreproduced` from a frame's features (mode: global or
-    tracking): what the gate refuses on top of :class:`SafetyGate`'s checks."""
+    """What the gate refuses on top of :class:`SafetyGate`'s checks, from a frame's features
+    (mode global or tracking): a global result whose first pass was weak
+    (``rivals_below_score``) and which no method run from a search hypothesis reached
+    (``support`` 0: a rival or a kept search pose nothing else agreed with) and that the
+    method did not come back to from starts around it (``confirm_min_returns``, ``features["reproduced"]``). Such a pose is
+    neither published nor a start for re-acquisition. On the held-out 7100 set one was a
+    spine turned 180 deg, 70 mm off, with confidence 0.998 (a kept search pose: the
+    method had moved away from it)."""
     return (mode == "global" and features.get("weak_first_pass", 0.0) > 0.0
             and features.get("support", 1.0) <= 0.0
             and features.get("reproduced", 0.0) <= 0.0)
@@ -791,7 +797,7 @@ class RegistrationPipeline:
             int(estimate.num_points), frame.stamp_ns, now, level_margin,
             gated_reversal_margin(features, mode),
         )
-        if valid and self._unreproduced(features, mode):
+        if valid and unreproduced(features, mode):
             checked = ", nor its runs from starts around it" if "reproduced" in features else ""
             valid, reason = False, (f"{UNREPRODUCED_REASON} from the "
                                     f"search's hypotheses reproduced (support 0){checked}: "
@@ -805,18 +811,7 @@ class RegistrationPipeline:
         ok, _ = self.gate.check_content(
             estimate.cam_from_spine, confidence, float(estimate.residual_mm),
             int(estimate.num_points), level_margin, gated_reversal_margin(features, mode))
-        return ok and not self._unreproduced(features, mode)
-
-    @staticmethod
-    def _unreproduced(features: dict[str, float], mode: str) -> bool:
-        """A global result whose first pass was weak (``rivals_below_score``) and which no
-        method run from a search hypothesis reached (``support`` 0: a rival or a kept search
-        pose nothing else agreed with) and that the method did not come back to from starts
-        around it (``confirm_min_returns``, ``features["reproduced"]``). Such a pose is
-        neither published nor a start for re-acquisition. On the held-out 7100 set one was a
-        spine turned 180 deg, 70 mm off, with confidence 0.998 (a kept search pose: the
-        method had moved away from it)."""
-        return unreproduced(features, mode)
+        return ok and not unreproduced(features, mode)
 
     def _remember(self, frame: Frame, estimate: RegistrationEstimate, mode: str,
                   features: dict[str, float]) -> None:
@@ -1021,7 +1016,7 @@ class RegistrationPipeline:
         features["hypotheses"] = len(refined)
         features["weak_first_pass"] = float(weak_first_pass)
         # both checks use the same six runs; only the stability check needs their scores
-        confirm = self._unreproduced(features, "global") and cfg.confirm_min_returns > 0
+        confirm = unreproduced(features, "global") and cfg.confirm_min_returns > 0
         stability = self._wants_stability_check(features)
         if confirm or stability:
             returns = self._returns(frame, best.cam_from_spine, stages, scored=stability)

@@ -161,7 +161,8 @@ class SafetyGate:
         level_margin: float | None = None, reversal_margin: float | None = None,
     ) -> tuple[bool, str]:
         """The checks of :meth:`check` that concern the registration itself (pose, points,
-        confidence, residual, level margin), not the frame's stamp or age; records nothing."""
+        confidence, residual, level and reversal margins), not the frame's stamp or age;
+        records nothing."""
         valid, reason = check_pose(cam_from_spine, self.limits)
         if not valid:
             return False, reason
