@@ -158,10 +158,13 @@ def run(args: argparse.Namespace) -> int:
                          min_reversal_margin=args.min_reversal_margin)
     skipped = 0
     for path in args.reports:
-        name, records = load_records(path, args.method)
-        if model is not None:
-            records, missing = regate(records, model, limits)
-            skipped += missing
+        try:
+            name, records = load_records(path, args.method)
+            if model is not None:
+                records, missing = regate(records, model, limits)
+                skipped += missing
+        except ValueError as err:  # load_records names the file already
+            raise SystemExit(str(err) if str(path) in str(err) else f"{path}: {err}") from err
         key, k = name, 2
         while key in columns:  # two reports of the same data directory
             key, k = f"{name} ({k})", k + 1

@@ -119,6 +119,11 @@ def test_judging_again_needs_the_features(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="--init node"):
         results_table.regate([_record([0.5, 0.5, 0.5])], _Fixed(0.99), SafetyLimits())
+    prior = _report(tmp_path / "prior.json", "set_p", [_record([0.5, 0.5, 0.5], None)])
+    from end2reg_ros.pipeline import DEFAULT_CALIBRATION as bundled
+
+    with pytest.raises(SystemExit, match="prior.json: re-judging needs"):  # no traceback
+        cli.main(["results-table", prior, "--calibration", str(bundled)])
     # through the command: the note on the skipped reversal check
     rec = _judged("ok", True)
     rec["features"].pop("reversal_margin")
