@@ -33,6 +33,9 @@ import numpy as np
 from end2reg_ros.evaluation import gate_summary
 from end2reg_ros.safety import EVIDENCE_REASONS, OK, SafetyGate, SafetyLimits
 
+#: ``regate``'s default: the node's stability likelihood ratios
+_NODE_RATIOS = object()
+
 #: (key, row label, format) of the table
 ROWS = (
     ("frames", "frames", "{:d}"),
@@ -64,12 +67,25 @@ def column(records: list[dict]) -> dict:
     return out
 
 
-def regate(records: list[dict], model, limits: SafetyLimits) -> tuple[list[dict], int]:
+def regate(records: list[dict], model, limits: SafetyLimits,
+           stability_ratios=_NODE_RATIOS) -> tuple[list[dict], int]:
     """Copies of ``--init node`` per-frame records judged again with the confidence ``model``
     (a :class:`~end2reg_ros.pipeline.ConfidenceModel`) and gate ``limits`` (module
-    docstring): ``accepted``, ``confidence`` and ``reason`` replaced. Also returns how many
-    re-judged global frames had no reversal margin (that check skipped)."""
-    from end2reg_ros.pipeline import UNREPRODUCED_REASON, gated_reversal_margin, unreproduced
+    docstring): ``accepted``, ``confidence`` and ``reason`` replaced. A frame below the
+    gate whose record has the stability check's outcome (``features["stable"]``) has its
+    confidence updated with ``stability_ratios`` (default: the node's,
+    ``PipelineConfig.stability_likelihood_ratios``; None: not updated). Also returns how
+    many re-judged global frames had no reversal margin (that check skipped)."""
+    from end2reg_ros.pipeline import (
+        UNREPRODUCED_REASON,
+        PipelineConfig,
+        after_stability_check,
+        gated_reversal_margin,
+        unreproduced,
+    )
+
+    if stability_ratios is _NODE_RATIOS:
+        stability_ratios = PipelineConfig().stability_likelihood_ratios
 
     gate = SafetyGate(limits)
     out, no_reversal = [], 0
@@ -83,6 +99,8 @@ def regate(records: list[dict], model, limits: SafetyLimits) -> tuple[list[dict]
         if reason == OK or reason.startswith(EVIDENCE_REASONS + (UNREPRODUCED_REASON,)):
             mode = rec.get("mode", "global")
             confidence = model.probability(features, mode)
+            if confidence < limits.min_confidence:  # the node checks only below the gate
+                confidence = after_stability_check(confidence, features, stability_ratios)
             level = features.get("level_margin")
             reversal = gated_reversal_margin(features, mode)
             no_reversal += mode == "global" and reversal is None

@@ -587,11 +587,11 @@ class _FixedConfidence:
     ((3.95, 0.45), 0.95, 12.0, True, False),  # the runs land 12 mm away: 0.95 -> 0.895
     ((3.95, 0.45), 0.5, 0.0, False, False),  # a stable outcome could not lift 0.5 to 0.985
     ((3.95, 0.45), 0.99, 0.0, False, True),  # the gate publishes it without the check
-    (None, 0.9, 0.0, False, False),  # the default: no check, refused at 0.9
+    (None, 0.9, 0.0, False, False),  # switched off: no check, refused at 0.9
 ])
 def test_the_stability_check_updates_a_confidence_just_below_the_gate(
         method, specimen, recording, ratios, base, drift_mm, checked, published):
-    """When switched on (``stability_likelihood_ratios``; off by default), a global
+    """With ``stability_likelihood_ratios`` (None: switched off), a global
     registration the gate would refuse for its confidence alone is checked by six runs of
     the method from starts around it, when a stable outcome could bring its confidence up
     to the gate: its confidence is updated by Bayes' rule with the likelihood ratio of the
@@ -599,7 +599,7 @@ def test_the_stability_check_updates_a_confidence_just_below_the_gate(
     config = PipelineConfig(tracking=False, rivals_below_score=None,
                             keep_search_pose_margin=math.inf,
                             stability_likelihood_ratios=ratios)
-    assert PipelineConfig().stability_likelihood_ratios is None  # off by default
+    assert PipelineConfig().stability_likelihood_ratios == (1.57, 0.59)  # the default
     count = int(RegistrationPipeline(method, specimen, config=config).process(
         recording[0]).features["hypotheses"])
     # right for the search's hypotheses, then drift_mm off for every further run
@@ -608,8 +608,10 @@ def test_the_stability_check_updates_a_confidence_just_below_the_gate(
                                 calibration=_FixedConfidence(base))
     result = pipe.process(recording[0])
     assert _tre(result, recording[0], specimen) < 2.0  # the check never moves the pose
-    assert runs.calls == count + (6 if checked else 0)
+    # six runs around the pose; a stable one also re-checks the levels (two runs)
+    assert runs.calls == count + (6 if checked else 0) + (2 if checked and not drift_mm else 0)
     assert ("stable" in result.features) == checked
+    assert ("level_recheck_margin" in result.features) == (checked and not drift_mm)
     assert result.valid == published
     if checked:
         stable_ratio, unstable_ratio = ratios
@@ -622,6 +624,38 @@ def test_the_stability_check_updates_a_confidence_just_below_the_gate(
         assert result.confidence == pytest.approx(base)
     if checked and not published:
         assert "confidence" in result.reason
+
+
+def test_a_stable_registration_a_neighbouring_level_explains_as_well_is_not_stable(
+        method, specimen, recording, monkeypatch):
+    """The stability check's level re-check: when a run of the method from one vertebra
+    away lands on a pose that verifies within ``min_level_margin`` of the registration (a
+    wrong level sits in a basin as stable as the right pose's), the outcome counts as
+    unstable and the confidence goes down, not up; the re-check's margin is reported."""
+    config = PipelineConfig(tracking=False, rivals_below_score=None,
+                            keep_search_pose_margin=math.inf,
+                            stability_likelihood_ratios=(3.95, 0.45))
+    pipe = RegistrationPipeline(method, specimen, config=config,
+                                calibration=_FixedConfidence(0.95))
+    seen = []
+
+    def as_good_a_level(frame, pose, stages):  # a neighbouring level verifying as well
+        seen.append(pose)
+        return [pipe._score(pipe._verify(frame, pose)) + 0.01]
+
+    monkeypatch.setattr(pipe, "_level_recheck", as_good_a_level)
+    result = pipe.process(recording[0])
+    assert len(seen) == 1 and result.features["returned"] == 6.0  # came back every time
+    assert result.features["stable"] == 0.0 and not result.valid
+    assert result.features["level_recheck_margin"] < 0.0
+    odds = 0.95 / 0.05 * 0.45
+    assert result.confidence == pytest.approx(odds / (1.0 + odds))
+    # with the re-check off, the same registration is stable and published
+    pipe = RegistrationPipeline(method, specimen, config=dataclasses.replace(
+        config, stability_level_recheck=False), calibration=_FixedConfidence(0.95))
+    monkeypatch.setattr(pipe, "_level_recheck", as_good_a_level)
+    result = pipe.process(recording[0])
+    assert result.features["stable"] == 1.0 and result.valid and len(seen) == 1
 
 
 def test_a_weak_registration_tries_more_hypotheses(method, specimen, recording, monkeypatch):

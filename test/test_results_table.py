@@ -114,6 +114,27 @@ def test_frames_are_judged_again_on_their_features_with_another_gate():
     assert out[0]["reason"].startswith("confidence 0.970 < min_confidence 0.980")
 
 
+def test_a_recorded_stability_outcome_updates_the_confidence_below_the_gate_only():
+    """The stability check's outcome in a record (``features["stable"]``) updates the
+    confidence by its likelihood ratio as the node does: only below the gate (the node
+    checks nothing above it), and not at all without ratios."""
+    from end2reg_ros.safety import SafetyLimits
+
+    limits = SafetyLimits(min_confidence=0.985)
+    records = [_judged("ok", True, stable=1.0), _judged("ok", True, stable=0.0),
+               _judged("ok", True)]
+    out, _ = results_table.regate(records, _Fixed(0.95), limits, stability_ratios=(4.0, 0.4))
+    odds = 0.95 / 0.05
+    assert out[0]["confidence"] == pytest.approx(odds * 4.0 / (1.0 + odds * 4.0))
+    assert out[1]["confidence"] == pytest.approx(odds * 0.4 / (1.0 + odds * 0.4))
+    assert [r["accepted"] for r in out] == [True, False, False]
+    # above the gate the recorded outcome changes nothing (the node did not check)
+    out, _ = results_table.regate(records, _Fixed(0.99), limits, stability_ratios=(4.0, 0.4))
+    assert [r["confidence"] for r in out] == [0.99, 0.99, 0.99]
+    out, _ = results_table.regate(records, _Fixed(0.95), limits, stability_ratios=None)
+    assert [r["accepted"] for r in out] == [False, False, False]
+
+
 def test_judging_again_needs_the_features(tmp_path, capsys):
     from end2reg_ros.safety import SafetyLimits
 
