@@ -14,7 +14,8 @@ another calibration or gate, as the node would have: the poses and the verificat
 features do not depend on them (every frame of such a report is a global registration from
 scratch). A frame the gate refused for its stamp, its pose or its number of points stays
 refused; the others are judged again on their recorded features (confidence, residual,
-level margin, reversal margin, reproduction). Reports made before the reversal check lack
+level margin, reversal margin, reproduction; a recorded outcome of the stability check with
+``--stability-ratios``). Reports made before the reversal check lack
 its margin: for them that check is skipped, and the command says so.
 
 Example (the README's held-out table)::
@@ -159,12 +160,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-reversal-margin", type=float,
                         default=defaults.min_reversal_margin,
                         help="with --calibration (default: the node's, %(default)s)")
+    parser.add_argument("--stability-ratios", type=float, nargs=2, default=None,
+                        metavar=("STABLE", "UNSTABLE"),
+                        help="with --calibration: the stability check's likelihood ratios "
+                        "applied to frames whose record has its outcome (default: the "
+                        "node's, PipelineConfig.stability_likelihood_ratios; the check is off "
+                        "there, so recorded outcomes change nothing)")
 
 
 def run(args: argparse.Namespace) -> int:
     columns: dict[str, dict] = {}
     pooled: list[dict] = []
     model = limits = None
+    if args.stability_ratios is not None:
+        if args.calibration is None:
+            raise SystemExit("--stability-ratios judges frames again: it needs --calibration")
+        if not all(r > 0 for r in args.stability_ratios):
+            raise SystemExit("--stability-ratios: likelihood ratios must be > 0")
     if args.calibration is not None:
         from dataclasses import replace
 
@@ -179,7 +191,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             name, records = load_records(path, args.method)
             if model is not None:
-                records, missing = regate(records, model, limits)
+                records, missing = regate(records, model, limits, **(
+                    {} if args.stability_ratios is None
+                    else {"stability_ratios": tuple(args.stability_ratios)}))
                 skipped += missing
         except ValueError as err:  # load_records names the file already
             raise SystemExit(str(err) if str(path) in str(err) else f"{path}: {err}") from err

@@ -135,6 +135,29 @@ def test_a_recorded_stability_outcome_updates_the_confidence_below_the_gate_only
     assert [r["accepted"] for r in out] == [False, False, False]
 
 
+def test_the_command_judges_recorded_stability_outcomes_with_given_ratios(tmp_path, capsys):
+    """``--stability-ratios`` applies a recorded stability outcome (the node's default: the
+    check off, outcomes ignored); it needs ``--calibration`` and positive ratios."""
+    from end2reg_ros.pipeline import DEFAULT_CALIBRATION as bundled
+    from end2reg_ros.pipeline import ConfidenceModel
+
+    rec = _judged("ok", True, stable=1.0)
+    base = ConfidenceModel.load(bundled).probability(rec["features"], "global")
+    assert base < 0.985  # below the gate: the node would have checked it
+    path = _report(tmp_path / "a.json", "set_a", [rec])
+    cli.main(["results-table", path, "--calibration", str(bundled)])
+    assert "| accepted (published) | 0.0% |" in capsys.readouterr().out
+    huge = str(2.0 * 0.985 / 0.015 * (1.0 - base) / base)  # lifts it over the gate
+    cli.main(["results-table", path, "--calibration", str(bundled),
+              "--stability-ratios", huge, "0.5"])
+    assert "| accepted (published) | 100.0% |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="needs --calibration"):
+        cli.main(["results-table", path, "--stability-ratios", "2", "0.5"])
+    with pytest.raises(SystemExit, match="must be > 0"):
+        cli.main(["results-table", path, "--calibration", str(bundled),
+                  "--stability-ratios", "0", "0.5"])
+
+
 def test_judging_again_needs_the_features(tmp_path, capsys):
     from end2reg_ros.safety import SafetyLimits
 
