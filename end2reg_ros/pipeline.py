@@ -536,7 +536,7 @@ class PipelineConfig:
     #: in the report.
     #: History: with ratios (3.95, 0.45) counted on 600 validation frames of older code, a
     #: held-out set (7292) published a wrong level 30.3 mm off (base 0.941, stable), and
-    #: the check was off until 2026-12. Probed again on the 2250 validation frames of
+    #: the check was left off. Probed again (2026-12) on the 2250 validation frames of
     #: 541-555 (today's code and calibration, the check forced on below the gate): a wrong
     #: level 27.9 mm off (548, base 0.948, level margin 0.048) was stable and, out of fold,
     #: published; the method run from its neighbouring level found the right pose, which
