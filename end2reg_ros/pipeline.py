@@ -1071,9 +1071,8 @@ class RegistrationPipeline:
                 # a wrong level sits in a basin as stable as the right pose's: stable only
                 # if the neighbouring levels, refined by the method too, explain the image
                 # clearly worse
-                rechecked = self._level_recheck(frame, best.cam_from_spine, stages)
-                recheck_margin = best_score - max(levels + rechecked) if levels + rechecked \
-                    else 1.0
+                level_scores = levels + self._level_recheck(frame, best.cam_from_spine, stages)
+                recheck_margin = best_score - max(level_scores) if level_scores else 1.0
                 features["level_recheck_margin"] = float(recheck_margin)
                 if recheck_margin < self.gate.limits.min_level_margin:
                     features["stable"] = 0.0
@@ -1214,7 +1213,8 @@ class RegistrationPipeline:
         result that lands more than ``same_pose_mm`` from ``pose`` is scored as it is and
         after the whole-model ICP from it. Returns those verification scores (none when
         both runs came back to ``pose``)."""
-        moves = [make_pose(np.eye(3), -self._level_step), make_pose(np.eye(3), self._level_step)]
+        moves = [move for kind, move in self._rival_starts(False).items()
+                 if kind in ("cranial", "caudal")]
 
         def run(move: np.ndarray, own_stages: dict[str, float]) -> list[float]:
             result = self._run_method(frame, pose @ move, own_stages)

@@ -186,14 +186,13 @@ def run(args: argparse.Namespace) -> int:
         limits = replace(SafetyLimits(), min_confidence=args.min_confidence,
                          min_level_margin=args.min_level_margin,
                          min_reversal_margin=args.min_reversal_margin)
+    ratios = _NODE_RATIOS if args.stability_ratios is None else tuple(args.stability_ratios)
     skipped = 0
     for path in args.reports:
         try:
             name, records = load_records(path, args.method)
             if model is not None:
-                records, missing = regate(records, model, limits, **(
-                    {} if args.stability_ratios is None
-                    else {"stability_ratios": tuple(args.stability_ratios)}))
+                records, missing = regate(records, model, limits, ratios)
                 skipped += missing
         except ValueError as err:  # load_records names the file already
             raise SystemExit(str(err) if str(path) in str(err) else f"{path}: {err}") from err
