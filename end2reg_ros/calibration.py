@@ -49,7 +49,15 @@ from pathlib import Path
 
 import numpy as np
 
-from end2reg_ros.pipeline import DEFAULT_CALIBRATION, FEATURES, MODES, ConfidenceModel
+from end2reg_ros.pipeline import (
+    DEFAULT_CALIBRATION,
+    FEATURES,
+    LOG_FEATURES,
+    MODES,
+    ConfidenceModel,
+    confidence_inputs,
+    feature_source,
+)
 from end2reg_ros.safety import SafetyLimits
 
 SUCCESS_MM = 2.0
@@ -66,32 +74,65 @@ GROSS_MM = 5.0
 #: not listed.
 EXPECTED_SIGNS = {
     "agree": 1.0,
+    "ln_agree": 1.0,
     "min_vertebra_agree": 1.0,
     "fit_inliers": 1.0,
     "margin": 1.0,
+    "ln_margin": 1.0,
     "support": 1.0,
     "level_margin": 1.0,
+    "ln_level_margin": 1.0,
+    "reversal_margin": 1.0,
+    "ln_reversal_margin": 1.0,
     "violate": -1.0,
     "residual_mm": -1.0,
     "target_sd": -1.0,
+    "final_move_mm": -1.0,
+}
+
+#: The input sets ``end2reg calibrate --inputs`` fits: ``linear`` (:data:`FEATURES`, the
+#: bundled calibration's) and ``log`` (:data:`LOG_FEATURES`, Round 14's log margins).
+INPUT_SETS = {"linear": FEATURES, "log": LOG_FEATURES}
+
+#: Inputs left out of the fit by default (weight 0), per input set: ``motion_mm``, the jump
+#: from the predicted pose, which the few smooth validation recordings cannot calibrate (it
+#: refused correct tracking whenever the camera accelerated); for ``log`` also ``support``
+#: and ``min_vertebra_agree``, whose weights came out against their meaning (Round 12; the
+#: bundled linear fit leaves them out with ``--ignore``), and ``target_sd``, +0.46 beside
+#: the log margins, against its meaning (Round 14).
+DEFAULT_IGNORE = {
+    "linear": ("motion_mm",),
+    "log": ("motion_mm", "support", "min_vertebra_agree", "target_sd"),
 }
 
 
-def _rows(reports: list[dict], method: str) -> list[dict]:
+def _rows(reports: list[dict], method: str, inputs: tuple[str, ...] = FEATURES) -> list[dict]:
+    """The per-frame records with features. A frame may lack the source of an ``ln_`` input
+    (the reversal margin of a registration that another check refused before it ran: the
+    input is then neutral); a report whose frames all lack one, or any frame that lacks
+    another input, is of an older version: ValueError."""
+    required = {f for f in inputs if feature_source(f) == f}
+    optional = {feature_source(f) for f in inputs} - required
     rows = []
     for report in reports:
         if report.get("init") != "node":
             raise ValueError(f"{report.get('data_dir')}: report is --init {report.get('init')}, "
                              "calibration needs --init node")
-        for rec in report["per_frame"].get(method, []):
-            if rec.get("features"):
-                missing = [f for f in FEATURES if f not in rec["features"]]
-                if missing:
-                    raise ValueError(
-                        f"{report.get('data_dir')}: frame features lack {missing} (a report "
-                        "of an older version): run `end2reg evaluate --init node "
-                        "--calibration none` on it again")
-                rows.append(rec)
+        seen: set[str] = set()
+        recs = [r for r in report["per_frame"].get(method, []) if r.get("features")]
+        for rec in recs:
+            missing = sorted(required - set(rec["features"]))
+            seen |= optional & set(rec["features"])
+            if missing:
+                break
+        else:
+            missing = sorted(optional - seen) if recs else []
+        if missing:
+            raise ValueError(
+                f"{report.get('data_dir')}: frame features lack {missing} (a report "
+                "of an older version): run `end2reg evaluate --init node "
+                "--calibration none` on it again")
+        rows += recs
     return rows
 
 
@@ -115,32 +156,35 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int 
 
 
 def fit(rows: list[dict], l2: float = 1.0, source: str = "",
-        ignore: tuple[str, ...] = (), modes: tuple[str, ...] = ("global",)) -> ConfidenceModel:
-    """A :class:`ConfidenceModel` fitted on per-frame records (see module docstring);
-    features in ``ignore`` get weight 0 (not fitted). Only ``modes`` get coefficients of
+        ignore: tuple[str, ...] = (), modes: tuple[str, ...] = ("global",),
+        inputs: tuple[str, ...] = FEATURES) -> ConfidenceModel:
+    """A :class:`ConfidenceModel` of ``inputs`` fitted on per-frame records (see module
+    docstring); inputs in ``ignore`` get weight 0 (not fitted). Only ``modes`` get coefficients of
     their own; the others use global's (by default tracked frames too: they carry the margin
     and support of the global registration they started from, and a separate tracking fit on
     the few smooth validation recordings refused correct tracking).
     """
-    keep = np.array([f not in ignore for f in FEATURES])
+    keep = np.array([f not in ignore for f in inputs])
     coef, mean, scale = {}, {}, {}
     for mode in modes:
         sel = [r for r in rows if r.get("mode", "global") == mode]
         y = np.array([r["tre_median_mm"] < SUCCESS_MM for r in sel], dtype=float)
         if len(sel) < 20 or y.sum() < 5 or (1 - y).sum() < 5:
             continue  # too few examples of one outcome: this mode uses global's
-        x = np.array([[float(r["features"].get(f, 0.0)) for f in FEATURES] for r in sel])
-        mu = x.mean(axis=0)
+        x = np.array([confidence_inputs(r["features"], inputs) for r in sel])
+        seen = ~np.isnan(x)
+        mu = np.where(seen, x, 0.0).sum(axis=0) / np.maximum(seen.sum(axis=0), 1)
+        x = np.where(np.isnan(x), mu, x)  # a missing ln_ input: neutral, as in the node
         sd = x.std(axis=0)
         sd[sd < 1e-9] = 1.0
-        w = np.zeros(len(FEATURES) + 1)
+        w = np.zeros(len(inputs) + 1)
         w[np.concatenate([[True], keep])] = fit_logistic(((x - mu) / sd)[:, keep], y, l2)
         coef[mode] = w.tolist()
         mean[mode], scale[mode] = mu.tolist(), sd.tolist()
     if "global" not in coef:
         raise ValueError("too few global-mode frames with both outcomes (< 2 mm and >= 2 mm) "
                          "to fit the confidence: evaluate more validation frames")
-    return ConfidenceModel(coef, mean, scale, source)
+    return ConfidenceModel(coef, mean, scale, source, inputs=tuple(inputs))
 
 
 def sign_violations(model: ConfidenceModel) -> list[tuple[str, str, float]]:
@@ -148,7 +192,7 @@ def sign_violations(model: ConfidenceModel) -> list[tuple[str, str, float]]:
     is the opposite of :data:`EXPECTED_SIGNS`."""
     out = []
     for mode, coef in model.coef.items():
-        for feature, weight in zip(FEATURES, np.asarray(coef, dtype=float)[1:]):
+        for feature, weight in zip(model.inputs, np.asarray(coef, dtype=float)[1:]):
             expected = EXPECTED_SIGNS.get(feature)
             if expected is not None and weight * expected < 0.0:
                 out.append((mode, feature, float(weight)))
@@ -156,7 +200,8 @@ def sign_violations(model: ConfidenceModel) -> list[tuple[str, str, float]]:
 
 
 def out_of_fold(rows: list[dict], l2: float, folds: int, ignore: tuple[str, ...] = (),
-                modes: tuple[str, ...] = ("global",)) -> np.ndarray:
+                modes: tuple[str, ...] = ("global",),
+                inputs: tuple[str, ...] = FEATURES) -> np.ndarray:
     """P(TRE < 2 mm) of every row from a model fitted without the row's specimen."""
     specimens = sorted({(r.get("_report", 0), r["specimen"]) for r in rows})
     fold_of = {s: i % folds for i, s in enumerate(specimens)}
@@ -166,7 +211,7 @@ def out_of_fold(rows: list[dict], l2: float, folds: int, ignore: tuple[str, ...]
         train = [r for i, r in enumerate(rows) if fold_of[(r.get("_report", 0), r["specimen"])] != k]
         if not held:
             continue
-        model = fit(train, l2, ignore=ignore, modes=modes)
+        model = fit(train, l2, ignore=ignore, modes=modes, inputs=inputs)
         for i in held:
             probs[i] = model.probability(rows[i]["features"], rows[i].get("mode", "global"))
     return probs
@@ -268,11 +313,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calibration JSON to write (default: the bundled one)")
     parser.add_argument("--plot", type=Path, default=None, help="reliability diagram PNG")
     parser.add_argument("--l2", type=float, default=1.0, help="L2 penalty of the fit")
-    parser.add_argument("--ignore", action="append", default=["motion_mm"], metavar="FEATURE",
-                        help="feature left out of the fit (repeatable; default: motion_mm, the "
-                        "jump from the predicted pose, which the few smooth validation "
-                        "recordings cannot calibrate: it refused correct tracking whenever "
-                        "the camera accelerated)")
+    parser.add_argument("--inputs", choices=sorted(INPUT_SETS), default="linear",
+                        help="inputs of the confidence: linear (the bundled calibration's "
+                        "features) or log (Round 14: logs of the agreement and the margins, "
+                        "the final ICP's move; weights/confidence_calibration_log.json)")
+    parser.add_argument("--ignore", action="append", default=[], metavar="INPUT",
+                        help="input left out of the fit (repeatable; added to the default of "
+                        "--inputs: linear " + ", ".join(DEFAULT_IGNORE["linear"]) + "; log "
+                        + ", ".join(DEFAULT_IGNORE["log"]) + "; see DEFAULT_IGNORE)")
     parser.add_argument("--modes", nargs="+", default=["global"], choices=MODES,
                         help="modes fitted (and whose frames are used); others use global's "
                         "coefficients (default: global)")
@@ -295,11 +343,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs = INPUT_SETS[args.inputs]
     reports = [json.loads(p.read_text()) for p in args.reports]
     rows = []
     for k, report in enumerate(reports):
         try:
-            rows += [dict(r, _report=k) for r in _rows([report], args.method)]
+            rows += [dict(r, _report=k) for r in _rows([report], args.method, inputs)]
         except ValueError as err:
             raise SystemExit(f"{args.reports[k]}: {err}") from err
     if not rows:
@@ -307,18 +356,19 @@ def run(args: argparse.Namespace) -> int:
     tre = np.array([r["tre_median_mm"] for r in rows])
     success = (tre < SUCCESS_MM).astype(float)
     l2 = args.l2
-    ignore = tuple(dict.fromkeys(args.ignore))
-    unknown = set(ignore) - set(FEATURES)
+    ignore = tuple(dict.fromkeys(DEFAULT_IGNORE[args.inputs] + tuple(args.ignore)))
+    unknown = set(ignore) - set(inputs)
     if unknown:
-        raise SystemExit(f"--ignore: unknown features {sorted(unknown)}; known: {FEATURES}")
+        raise SystemExit(f"--ignore: unknown inputs {sorted(unknown)}; the {args.inputs} "
+                         f"inputs are {inputs}")
     modes = tuple(args.modes)
     rows = [r for r in rows if r.get("mode", "global") in modes]
     tre = np.array([r["tre_median_mm"] for r in rows])
     success = (tre < SUCCESS_MM).astype(float)
     model = fit(rows, l2, source=", ".join(str(r.get("data_dir")) for r in reports),
-                ignore=ignore, modes=modes)
+                ignore=ignore, modes=modes, inputs=inputs)
     probs = np.array([model.probability(r["features"], r.get("mode", "global")) for r in rows])
-    oof = out_of_fold(rows, l2, args.folds, ignore, modes)
+    oof = out_of_fold(rows, l2, args.folds, ignore, modes, inputs)
     refused = np.array([not (r["features"].get("level_margin", np.inf)
                              >= args.min_level_margin) for r in rows])
     reversal = np.array([not (r["features"].get("reversal_margin", np.inf)
@@ -344,6 +394,7 @@ def run(args: argparse.Namespace) -> int:
         "refused_by_reversal_margin": int(reversal.sum()),
         "l2": l2,
         "ignored_features": list(ignore),
+        "inputs": args.inputs,
         "in_sample_log_loss": log_loss(probs, success),
         "folds": args.folds,
         "out_of_fold_log_loss": log_loss(oof, success),

@@ -288,3 +288,91 @@ def test_bundled_calibration_weighs_the_evidence_the_right_way():
     wrong = {f for _, f, _ in sign_violations(ConfidenceModel.load(DEFAULT_CALIBRATION))}
     assert not wrong & {"agree", "support", "level_margin", "violate", "residual_mm",
                         "target_sd", "fit_inliers", "margin"}
+
+
+def _fake_validation_report(n: int = 400, seed: int = 0) -> dict:
+    """An `end2reg evaluate --init node` report of ``n`` global frames whose TRE is below
+    2 mm when the margin to the runner-up is clear of 0 (and above it, a wrong pose, when
+    the margin is near 0), with every recorded feature present."""
+    from end2reg_ros.pipeline import RECORDED_FEATURES
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(n):
+        margin = float(rng.uniform(0.0, 0.4))
+        right = margin > 0.02 + 0.03 * rng.random()
+        features = {f: float(rng.uniform(0.1, 1.0)) for f in RECORDED_FEATURES}
+        features.update(margin=margin, motion_mm=0.0)
+        frames.append({"specimen": f"s{k % 20}", "frame": k, "mode": "global",
+                       "features": features, "tre_median_mm": 0.7 if right else 30.0})
+    return {"init": "node", "data_dir": "fake_val", "per_frame": {"end2reg": frames}}
+
+
+@pytest.mark.parametrize("inputs", ["linear", "log"])
+def test_calibrate_fits_the_chosen_inputs(tmp_path, inputs):
+    """`end2reg calibrate --inputs` writes a calibration of those inputs, which the node
+    loads; the ignored inputs get weight 0; the margin (or its log) counts for a pose."""
+    import argparse
+
+    from end2reg_ros import calibration
+    from end2reg_ros.pipeline import ConfidenceModel
+
+    report = tmp_path / "val.json"
+    report.write_text(json.dumps(_fake_validation_report()))
+    parser = argparse.ArgumentParser()
+    calibration.add_arguments(parser)
+    out = tmp_path / "cal.json"
+    args = parser.parse_args([str(report), "--out", str(out), "--inputs", inputs,
+                              "--ignore", "support"])
+    assert calibration.run(args) == 0
+    model = ConfidenceModel.load(out)
+    assert model.inputs == calibration.INPUT_SETS[inputs]
+    weight = dict(zip(model.inputs, model.coef["global"][1:]))
+    for name in calibration.DEFAULT_IGNORE[inputs] + ("support",):
+        assert weight[name] == 0.0, name
+    assert weight["ln_margin" if inputs == "log" else "margin"] > 0.0
+    base = _fake_validation_report(1)["per_frame"]["end2reg"][0]["features"]
+    clear = model.probability(dict(base, margin=0.3), "global")
+    near_zero = model.probability(dict(base, margin=0.001), "global")
+    assert clear > 0.9 and near_zero < clear
+    if inputs == "log":  # a step near 0: what the logs are for (linear: 0.25 here)
+        assert near_zero < 0.1
+    assert json.loads(out.read_text())["extra"]["inputs"] == inputs
+
+
+def test_calibrate_refuses_unknown_inputs_to_ignore(tmp_path):
+    import argparse
+
+    from end2reg_ros import calibration
+
+    report = tmp_path / "val.json"
+    report.write_text(json.dumps(_fake_validation_report(60)))
+    parser = argparse.ArgumentParser()
+    calibration.add_arguments(parser)
+    args = parser.parse_args([str(report), "--out", str(tmp_path / "c.json"),
+                              "--inputs", "log", "--ignore", "agree"])
+    with pytest.raises(SystemExit, match="unknown inputs"):
+        calibration.run(args)
+
+
+def test_bundled_log_calibration_loads_and_weighs_the_evidence_the_right_way():
+    """The optional log-margin calibration (Round 14): its inputs are LOG_FEATURES, no
+    weight against its input's meaning, the logs of agreement and margins for a pose, the
+    final ICP's move against it; it is not the default."""
+    from end2reg_ros.calibration import sign_violations
+    from end2reg_ros.pipeline import (
+        DEFAULT_CALIBRATION,
+        FEATURES,
+        LOG_CALIBRATION,
+        LOG_FEATURES,
+        ConfidenceModel,
+    )
+
+    model = ConfidenceModel.load(LOG_CALIBRATION)
+    assert model.inputs == LOG_FEATURES
+    assert sign_violations(model) == []
+    weight = dict(zip(model.inputs, model.coef["global"][1:]))
+    for name in ("ln_agree", "ln_margin", "ln_level_margin", "ln_reversal_margin"):
+        assert weight[name] > 0.0, name
+    assert weight["violate"] < 0.0 and weight["final_move_mm"] < 0.0
+    assert ConfidenceModel.load(DEFAULT_CALIBRATION).inputs == FEATURES

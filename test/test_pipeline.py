@@ -15,6 +15,8 @@ from end2reg_ros.geometry import make_pose
 from end2reg_ros.metrics import frame_metrics
 from end2reg_ros.pipeline import (
     FEATURES,
+    LOG_FEATURES,
+    RECORDED_FEATURES,
     ConfidenceModel,
     PipelineConfig,
     RegistrationPipeline,
@@ -70,7 +72,7 @@ def test_global_then_tracking(pipeline, recording, specimen):
         result = pipeline.process(frame)
         assert result.mode == "tracking" and result.valid, result.reason
         assert _tre(result, frame, specimen) < 2.0  # tracking: within the clinical 2 mm on every frame
-        assert set(result.features) >= set(FEATURES)
+        assert set(result.features) >= set(RECORDED_FEATURES)  # every input a calibration may use
         assert result.features["motion_mm"] < 5.0
         assert result.stage_ms["refinement"] > 0.0
         assert "search" not in result.stage_ms  # no global search while tracking
@@ -789,6 +791,36 @@ def test_confidence_probability():
     assert _model(2.0).probability({}, "tracking") == pytest.approx(1.0 / (1.0 + math.exp(2.0)))
 
 
+def test_confidence_log_inputs(tmp_path):
+    """An ``ln_`` input is the natural log of its recorded feature, floored at LOG_FLOOR; a
+    missing one is neutral (the calibration's mean), not the floor: a registration whose
+    reversal check did not run is not judged as if its reversal margin were 0. A
+    calibration of other inputs round-trips through its file."""
+    from end2reg_ros.pipeline import LOG_FLOOR, confidence_inputs
+
+    k = LOG_FEATURES.index("ln_margin")
+    assert confidence_inputs({"margin": 0.2}, LOG_FEATURES)[k] == pytest.approx(math.log(0.2))
+    assert confidence_inputs({"margin": -0.5}, LOG_FEATURES)[k] == pytest.approx(
+        math.log(LOG_FLOOR))
+    assert confidence_inputs({"margin": float("inf")}, LOG_FEATURES)[k] == pytest.approx(
+        math.log(LOG_FLOOR))
+    assert math.isnan(confidence_inputs({}, LOG_FEATURES)[k])
+    assert confidence_inputs({}, LOG_FEATURES)[LOG_FEATURES.index("violate")] == 0.0
+    n = len(LOG_FEATURES)
+    coef = [0.0] * (n + 1)
+    coef[1 + k] = 1.0
+    mean = [0.0] * n
+    mean[k] = math.log(0.1)
+    model = ConfidenceModel({"global": coef}, {"global": mean}, {"global": [1.0] * n},
+                            inputs=LOG_FEATURES)
+    assert model.probability({"margin": 0.1}, "global") == pytest.approx(0.5)
+    assert model.probability({}, "global") == pytest.approx(0.5)  # missing: neutral
+    assert model.probability({"margin": 0.0}, "global") < 0.01  # floored, not neutral
+    assert model.probability({"margin": 1.0}, "global") > 0.9
+    model.save(tmp_path / "log.json")
+    assert ConfidenceModel.load(tmp_path / "log.json") == model
+
+
 def test_confidence_model_save_load_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     model = _model(0.3, rng.normal(size=N))
@@ -811,7 +843,7 @@ def _write(path, data) -> str:
 
 
 @pytest.mark.parametrize("case", ["not-json", "not-an-object", "missing-coef", "old-features",
-                                  "short-coef", "short-scale"])
+                                  "fewer-inputs", "short-coef", "short-scale"])
 def test_malformed_calibration_raises_value_error(tmp_path, case):
     good = json.loads(json.dumps({"features": list(FEATURES), "coef": _model().coef,
                                   "mean": _model().mean, "scale": _model().scale}))
@@ -820,7 +852,9 @@ def test_malformed_calibration_raises_value_error(tmp_path, case):
         "not-an-object": ([1, 2, 3], "cannot read the confidence calibration"),
         "missing-coef": ({k: v for k, v in good.items() if k != "coef"},
                          "cannot read the confidence calibration"),
-        "old-features": (dict(good, features=list(FEATURES[:-1])), "calibrated for features"),
+        "old-features": (dict(good, features=[*FEATURES[:-1], "agreement_v0"]),
+                         "calibrated for features"),
+        "fewer-inputs": (dict(good, features=list(FEATURES[:-1])), "wrong number of coeff"),
         "short-coef": (dict(good, coef={"global": [0.0] * N}), "wrong number of coefficients"),
         "short-scale": (dict(good, scale={"global": [1.0] * (N - 1)}),
                         "wrong number of coefficients"),
@@ -844,6 +878,23 @@ def test_calibration_with_inconsistent_modes_raises_value_error(tmp_path, case):
             else dict(good, coef={"global": 3.0}))
     with pytest.raises(ValueError):
         ConfidenceModel.load(_write(tmp_path / "bad.json", data))
+
+
+def test_pipeline_with_the_log_calibration_registers_and_tracks(method, specimen, recording):
+    """The optional log-margin calibration on the node's path: the global registration and
+    the tracked frames after it are published (a tracked frame carries the reversal margin
+    of its global registration: without it the input would be neutral, not a pose's)."""
+    from end2reg_ros.pipeline import LOG_CALIBRATION
+
+    pipe = RegistrationPipeline(method, specimen, calibration=ConfidenceModel.load(LOG_CALIBRATION))
+    first = pipe.process(recording[0])
+    assert first.mode == "global" and first.valid, first.reason
+    assert _tre(first, recording[0], specimen) < 1.5
+    for frame in recording[1:]:
+        result = pipe.process(frame)
+        assert result.mode == "tracking" and result.valid, result.reason
+        assert result.features["reversal_margin"] == first.features["reversal_margin"]
+        assert result.confidence > 0.985
 
 
 def test_pipeline_with_a_confidence_model(method, specimen, recording, tmp_path):
