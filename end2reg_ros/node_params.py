@@ -195,7 +195,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "raise this instead",
               _within(1, 16)),
     ParamSpec("calibration_file", "string", "", "",
-              "confidence calibration JSON (`end2reg calibrate`); empty = the bundled one",
+              "confidence calibration JSON (`end2reg calibrate`); empty = the bundled one; "
+              "the optional log-margin calibration is "
+              "`<package>/weights/confidence_calibration_log.json` (README, *This round*)",
               _existing_file_or_empty),
     ParamSpec("bone_colour_file", "string", "", "",
               "bone colour classifier JSON of the global search (`end2reg fit-bone-colour`); "
