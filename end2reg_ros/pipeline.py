@@ -100,20 +100,10 @@ RECORDED_FEATURES = (
 
 #: Inputs of the bundled calibration (linear in the features), in the order of its
 #: coefficients; a calibration file names its own (``features``).
-FEATURES = (
-    "agree",
-    "violate",
-    "occluded",
-    "min_vertebra_agree",
-    "log_checked",
-    "fit_inliers",
-    "residual_mm",
-    "margin",
-    "support",
-    "motion_mm",
-    "level_margin",
-    "target_sd",
-)
+FEATURES = RECORDED_FEATURES[:12]
+
+#: The features whose natural log the log-margin calibration takes instead of the feature.
+_LOGGED = ("agree", "margin", "level_margin", "reversal_margin")
 
 #: Inputs of the log-margin calibration (Round 14, the optional
 #: ``weights/confidence_calibration_log.json``): the natural logs of the agreement and of
@@ -121,22 +111,8 @@ FEATURES = (
 #: more than the difference between two large ones, and how far the final dense ICP moved
 #: the pose. Out of fold on validation it publishes more at the same gate; on one held-out
 #: set of 24 it put 1.1 % of the published frames above 2 mm (README).
-LOG_FEATURES = (
-    "violate",
-    "occluded",
-    "min_vertebra_agree",
-    "log_checked",
-    "fit_inliers",
-    "residual_mm",
-    "support",
-    "motion_mm",
-    "target_sd",
-    "final_move_mm",
-    "ln_agree",
-    "ln_margin",
-    "ln_level_margin",
-    "ln_reversal_margin",
-)
+LOG_FEATURES = (tuple(f for f in FEATURES if f not in _LOGGED) + ("final_move_mm",)
+                + tuple(f"ln_{f}" for f in _LOGGED))
 
 #: Floor of the ``ln_`` inputs (a margin at or below it is as bad as it gets for the fit).
 LOG_FLOOR = 1e-3
