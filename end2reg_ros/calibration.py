@@ -2,12 +2,14 @@
 
 Input: reports of ``end2reg evaluate --init node --calibration none`` on **validation**
 specimens only (never the test sets whose figures are reported). Each per-frame record holds
-the verification features (:data:`end2reg_ros.pipeline.FEATURES`), the mode (global or
-tracking) and the TRE against ground truth.
+the verification features (:data:`end2reg_ros.pipeline.RECORDED_FEATURES`), the mode
+(global or tracking) and the TRE against ground truth.
 
 Fit, per mode: L2-regularised logistic regression of ``TRE < 2 mm`` (median over the target
-points of the frame) on the standardised features (Newton's method, numpy only). A mode with
-too few frames of either outcome borrows the global coefficients.
+points of the frame) on the standardised inputs of ``--inputs`` (:data:`INPUT_SETS`:
+``linear``, the bundled calibration's features, or ``log``, Round 14's logs of the
+agreement and the margins; Newton's method, numpy only). The calibration file names its
+inputs. A mode with too few frames of either outcome borrows the global coefficients.
 
 The gate table and the threshold use the fitted model's probabilities on the validation
 frames (in-sample). As a check of how far that carries to unseen specimens, the same is
