@@ -728,8 +728,9 @@ class RegistrationPipeline:
         self._track_target: tuple[np.ndarray, np.ndarray] | None = None
         #: model points and normals (spine frame) of projective tracking (None: not built)
         self._track_model: tuple[np.ndarray, np.ndarray] | None = None
-        #: margin, support and level margin of the global registration a track started
-        #: from: a track inherits how ambiguous its start was (its frames' confidence uses them)
+        #: margin, support, level margin and reversal margin (None when not computed) of the
+        #: global registration a track started from: a track inherits how ambiguous its start
+        #: was (its frames' confidence uses them)
         self._track_evidence = (0.0, 0.0, 0.0, None)
         #: the last frame's verified pose was held back (published only once a frame
         #: tracked from it verifies too; never twice in a row)
@@ -932,7 +933,7 @@ class RegistrationPipeline:
 
     def _start_track(self, estimate: RegistrationEstimate, features: dict[str, float]) -> None:
         """What a track keeps of the global registration it starts from: the learned region
-        and the ambiguity evidence (margin, support, level margin)."""
+        and the ambiguity evidence (margin, support, level and reversal margins)."""
         self.track_region, region_index = self._learned_region(estimate)
         self._track_target = None
         self._track_model = self._projective_model(region_index)
