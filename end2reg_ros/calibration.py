@@ -55,6 +55,7 @@ from end2reg_ros.pipeline import (
     DEFAULT_CALIBRATION,
     FEATURES,
     LOG_FEATURES,
+    LOG_FIT_FEATURES,
     MODES,
     ConfidenceModel,
     confidence_inputs,
@@ -90,11 +91,13 @@ EXPECTED_SIGNS = {
     "residual_mm": -1.0,
     "target_sd": -1.0,
     "final_move_mm": -1.0,
+    "fit_sd": -1.0,
 }
 
 #: The input sets ``end2reg calibrate --inputs`` fits: ``linear`` (:data:`FEATURES`, the
-#: bundled calibration's) and ``log`` (:data:`LOG_FEATURES`, Round 14's log margins).
-INPUT_SETS = {"linear": FEATURES, "log": LOG_FEATURES}
+#: bundled calibration's), ``log`` (:data:`LOG_FEATURES`, Round 14's log margins) and
+#: ``log_fit`` (:data:`LOG_FIT_FEATURES`: those and ``fit_sd``, Round 15).
+INPUT_SETS = {"linear": FEATURES, "log": LOG_FEATURES, "log_fit": LOG_FIT_FEATURES}
 
 #: Inputs left out of the fit by default (weight 0), per input set: ``motion_mm``, the jump
 #: from the predicted pose, which the few smooth validation recordings cannot calibrate (it
@@ -105,6 +108,7 @@ INPUT_SETS = {"linear": FEATURES, "log": LOG_FEATURES}
 DEFAULT_IGNORE = {
     "linear": ("motion_mm",),
     "log": ("motion_mm", "support", "min_vertebra_agree", "target_sd"),
+    "log_fit": ("motion_mm", "support", "min_vertebra_agree", "target_sd"),
 }
 
 
@@ -317,8 +321,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--l2", type=float, default=1.0, help="L2 penalty of the fit")
     parser.add_argument("--inputs", choices=sorted(INPUT_SETS), default="linear",
                         help="inputs of the confidence: linear (the bundled calibration's "
-                        "features) or log (Round 14: logs of the agreement and the margins, "
-                        "the final ICP's move; weights/confidence_calibration_log.json)")
+                        "features), log (Round 14: logs of the agreement and the margins, "
+                        "the final ICP's move; weights/confidence_calibration_log.json) or "
+                        "log_fit (those and fit_sd, how firmly the published pose's own fit "
+                        "pins the target points; Round 15)")
     parser.add_argument("--ignore", action="append", default=[], metavar="INPUT",
                         help="input left out of the fit (repeatable; added to the default of "
                         "--inputs: linear " + ", ".join(DEFAULT_IGNORE["linear"]) + "; log "

@@ -53,6 +53,7 @@ from end2reg_ros.registration.depth_check import (
     DepthAgreement,
     SurfaceSamples,
     depth_agreement,
+    fit_sd_mm,
     posterior_visible,
     surface_samples,
 )
@@ -92,10 +93,15 @@ MODES = ("global", "tracking")
 #:   carry it
 #: - ``final_move_mm``: how far the final dense ICP moved the pose at the target points
 #:   (global; 0 when tracking)
+#: - ``fit_sd``: log10 of how uncertain the published pose's own fit leaves the target
+#:   points (mm, :func:`~end2reg_ros.registration.depth_check.fit_sd_mm` of the scene
+#:   points within ``fit_sd_distance_mm`` of the model at that pose, residuals of
+#:   neighbouring points pulling together; clipped to 0.01-100 mm). Of the published pose
+#:   (after the final dense ICP), unlike the others; tracked frames carry it
 RECORDED_FEATURES = (
     "agree", "violate", "occluded", "min_vertebra_agree", "log_checked", "fit_inliers",
     "residual_mm", "margin", "support", "motion_mm", "level_margin", "target_sd",
-    "reversal_margin", "final_move_mm",
+    "reversal_margin", "final_move_mm", "fit_sd",
 )
 
 #: Inputs of the bundled calibration (linear in the features), in the order of its
@@ -113,6 +119,10 @@ _LOGGED = ("agree", "margin", "level_margin", "reversal_margin")
 #: set of 24 it put 1.1 % of the published frames above 2 mm (README).
 LOG_FEATURES = (tuple(f for f in FEATURES if f not in _LOGGED) + ("final_move_mm",)
                 + tuple(f"ln_{f}" for f in _LOGGED))
+
+#: Inputs of the log-margin calibration with ``fit_sd`` (Round 15): how firmly the
+#: published pose's own fit pins the target points, beside the log margins.
+LOG_FIT_FEATURES = LOG_FEATURES + ("fit_sd",)
 
 #: Floor of the ``ln_`` inputs (a margin at or below it is as bad as it gets for the fit).
 LOG_FLOOR = 1e-3
@@ -577,6 +587,13 @@ class PipelineConfig:
     final_icp_stride: int = 1
     final_icp_max_points: int = 6000
     final_icp_max_move_mm: float = 2.0
+    #: ``features["fit_sd"]`` (:meth:`RegistrationPipeline.fit_sd`): the scene is
+    #: back-projected every ``fit_sd_stride`` pixels near the model at the published pose;
+    #: the points within ``fit_sd_distance_mm`` of the dense model are the fit's, and their
+    #: residuals pull together within cubes of ``fit_sd_block_mm``
+    fit_sd_stride: int = 1
+    fit_sd_distance_mm: float = 1.5
+    fit_sd_block_mm: float = 10.0
     #: a weak global registration that no method run from the search's hypotheses reached
     #: (support 0: found by a tilted search, a rival or the search's own pose) is checked
     #: once more: the method runs from six starts around it (``confirm_shift_mm`` along
@@ -731,7 +748,7 @@ class RegistrationPipeline:
         #: margin, support, level margin and reversal margin (None when not computed) of the
         #: global registration a track started from: a track inherits how ambiguous its start
         #: was (its frames' confidence uses them)
-        self._track_evidence = (0.0, 0.0, 0.0, None)
+        self._track_evidence = (0.0, 0.0, 0.0, None, None)
         #: the last frame's verified pose was held back (published only once a frame
         #: tracked from it verifies too; never twice in a row)
         self._held = False
@@ -933,7 +950,8 @@ class RegistrationPipeline:
 
     def _start_track(self, estimate: RegistrationEstimate, features: dict[str, float]) -> None:
         """What a track keeps of the global registration it starts from: the learned region
-        and the ambiguity evidence (margin, support, level and reversal margins)."""
+        and the ambiguity evidence (margin, support, level and reversal margins) and how
+        firmly its own fit pinned the targets (``fit_sd``)."""
         self.track_region, region_index = self._learned_region(estimate)
         self._track_target = None
         self._track_model = self._projective_model(region_index)
@@ -946,7 +964,8 @@ class RegistrationPipeline:
             keep = np.isfinite(near)
             self._track_target = (self._dense[keep], self._dense_normals[keep])
         self._track_evidence = (features["margin"], features["support"],
-                                features["level_margin"], features.get("reversal_margin"))
+                                features["level_margin"], features.get("reversal_margin"),
+                                features.get("fit_sd"))
 
     def _lose(self) -> None:
         self.last_pose = None
@@ -980,6 +999,29 @@ class RegistrationPipeline:
             "motion_mm": motion_mm,
             "target_sd": _log_sd(check.target_sd_mm),
         }
+
+    def fit_sd(self, frame: Frame, cam_from_spine: np.ndarray) -> float:
+        """``features["fit_sd"]`` of a pose (see :data:`RECORDED_FEATURES`): log10 of
+        :func:`~end2reg_ros.registration.depth_check.fit_sd_mm` (clipped to 0.01-100 mm)
+        of the scene points within ``fit_sd_distance_mm`` of the dense model under
+        ``cam_from_spine`` (the scene back-projected every ``fit_sd_stride`` pixels,
+        cropped to the model's box), in the spine frame, with the dense model's normals at
+        their nearest points; 2 (100 mm) when too few points are there."""
+        from end2reg_ros.model.preprocess import crop_scene
+
+        cfg = self.config
+        points, _, _ = crop_scene(frame, cam_from_spine, *self._model_bbox(), 10.0,
+                                  cfg.fit_sd_stride)
+        if len(points) == 0:
+            return _log_sd(float("inf"))
+        in_spine = transform_points(invert(cam_from_spine), points)
+        dist, index = self._dense_tree.query(in_spine, k=1,
+                                             distance_upper_bound=cfg.fit_sd_distance_mm)
+        near = np.isfinite(dist)
+        x, index = in_spine[near], index[near]
+        normals = self._dense_normals[index]
+        residuals = np.einsum("ij,ij->i", x - self._dense[index], normals)
+        return _log_sd(fit_sd_mm(x, normals, residuals, self._targets, cfg.fit_sd_block_mm))
 
     def _target_distance(self, a: np.ndarray, b: np.ndarray) -> float:
         if len(self._targets) == 0:
@@ -1146,6 +1188,7 @@ class RegistrationPipeline:
         # the features and the checks above are of the chosen, polished pose (what the
         # confidence is calibrated on); the pose published is the dense final ICP's from it
         features["final_move_mm"] = self._final_icp(frame, best, stages, final_fit)
+        features["fit_sd"] = self.fit_sd(frame, best.cam_from_spine)
         return best, features
 
     def _first_pass(self, frame: Frame, starts: list[np.ndarray],
@@ -1715,4 +1758,8 @@ class RegistrationPipeline:
         features["final_move_mm"] = 0.0  # no final dense ICP when tracking
         if self._track_evidence[3] is not None:
             features["reversal_margin"] = self._track_evidence[3]
+        if self._track_evidence[4] is not None:
+            # carried like the margins: at every pixel (15-45 ms here) it would cost
+            # tracking half its frame time
+            features["fit_sd"] = self._track_evidence[4]
         return estimate, features

@@ -15,6 +15,7 @@ from end2reg_ros.registration.depth_check import (
     SurfaceSamples,
     depth_agreement,
     depth_residuals,
+    fit_sd_mm,
     surface_samples,
     target_sd_mm,
 )
@@ -276,3 +277,51 @@ def test_flat_pixel_lookup_is_the_nearest_pixel():
         assert inside.any() and not inside.all()
     with pytest.raises(ValueError, match="camera says"):
         depth_residuals(np.zeros((240, 320), np.float32), CAMERA, points)
+
+
+def _three_patches(rng, n=400):
+    parts = [_plane_points(rng, c, c, n=n) for c in ([20.0, 0, 0], [0, 20.0, 0], [0, 0, 20.0])]
+    return np.concatenate([p for p, _ in parts]), np.concatenate([n for _, n in parts])
+
+
+def test_fit_sd_matches_the_independent_noise_model_for_independent_residuals():
+    rng = np.random.default_rng(1)
+    points, normals = _three_patches(rng)
+    targets = np.array([[0.0, 0.0, 0.0], [150.0, 0.0, 0.0]])
+    residuals = rng.normal(0.0, 0.5, len(points))
+    # each point its own block: the classic estimate with the residuals' own spread
+    alone = fit_sd_mm(points, normals, residuals, targets, block_mm=1e-3)
+    assert alone == pytest.approx(target_sd_mm(points, normals, targets, noise_mm=0.5), rel=0.15)
+    # blocks of independent residuals change little
+    assert fit_sd_mm(points, normals, residuals, targets, block_mm=5.0) == pytest.approx(
+        alone, rel=0.35)
+    # larger residuals, a larger uncertainty
+    assert fit_sd_mm(points, normals, 3.0 * residuals, targets, block_mm=1e-3) == \
+        pytest.approx(3.0 * alone)
+
+
+def test_fit_sd_grows_when_neighbouring_residuals_pull_together():
+    """A 1 mm layer over one corner of a patch (a tissue remnant over part of the seen bone)
+    tilts the fit as a whole: the independent-noise estimate barely sees it, the blocks do."""
+    rng = np.random.default_rng(2)
+    points, normals = _three_patches(rng)
+    targets = np.array([[0.0, 0.0, 0.0], [150.0, 0.0, 0.0]])
+    noise = rng.normal(0.0, 0.3, len(points))
+    layer = noise + np.where((points[:, 2] > 19.0) & (points[:, 0] > 3.0)
+                             & (points[:, 1] > 3.0), 1.0, 0.0)
+    clean = fit_sd_mm(points, normals, noise, targets, block_mm=10.0)
+    biased = fit_sd_mm(points, normals, layer, targets, block_mm=10.0)
+    pointwise = fit_sd_mm(points, normals, layer, targets, block_mm=1e-3)
+    assert biased > 2.0 * clean
+    assert biased > 2.0 * pointwise
+
+
+def test_fit_sd_is_infinite_when_the_points_cannot_pin_the_pose():
+    rng = np.random.default_rng(3)
+    targets = np.zeros((1, 3))
+    flat, flat_n = _plane_points(rng, [0.0, 0.0, 300.0], [0.0, 0.0, -1.0])
+    assert fit_sd_mm(flat, flat_n, rng.normal(0, 0.3, len(flat)), targets) == float("inf")
+    points, normals = _three_patches(rng, n=5)  # 15 points: below min_points
+    assert fit_sd_mm(points, normals, np.zeros(len(points)), targets) == float("inf")
+    assert np.isfinite(fit_sd_mm(points, normals, np.zeros(len(points)), targets,
+                                 min_points=10))

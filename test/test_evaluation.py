@@ -308,7 +308,7 @@ def _fake_validation_report(n: int = 400, seed: int = 0) -> dict:
     return {"init": "node", "data_dir": "fake_val", "per_frame": {"end2reg": frames}}
 
 
-@pytest.mark.parametrize("inputs", ["linear", "log"])
+@pytest.mark.parametrize("inputs", ["linear", "log", "log_fit"])
 def test_calibrate_fits_the_chosen_inputs(tmp_path, inputs):
     """`end2reg calibrate --inputs` writes a calibration of those inputs, which the node
     loads; the ignored inputs get weight 0; the margin (or its log) counts for a pose."""
@@ -330,12 +330,12 @@ def test_calibrate_fits_the_chosen_inputs(tmp_path, inputs):
     weight = dict(zip(model.inputs, model.coef["global"][1:]))
     for name in calibration.DEFAULT_IGNORE[inputs] + ("support",):
         assert weight[name] == 0.0, name
-    assert weight["ln_margin" if inputs == "log" else "margin"] > 0.0
+    assert weight["margin" if inputs == "linear" else "ln_margin"] > 0.0
     base = _fake_validation_report(1)["per_frame"]["end2reg"][0]["features"]
     clear = model.probability(dict(base, margin=0.3), "global")
     near_zero = model.probability(dict(base, margin=0.001), "global")
     assert clear > 0.9 and near_zero < clear
-    if inputs == "log":  # a step near 0: what the logs are for (linear: 0.25 here)
+    if inputs != "linear":  # a step near 0: what the logs are for (linear: 0.25 here)
         assert near_zero < 0.1
     assert json.loads(out.read_text())["extra"]["inputs"] == inputs
 

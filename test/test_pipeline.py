@@ -73,6 +73,8 @@ def test_global_then_tracking(pipeline, recording, specimen):
         assert result.mode == "tracking" and result.valid, result.reason
         assert _tre(result, frame, specimen) < 2.0  # tracking: within the clinical 2 mm on every frame
         assert set(result.features) >= set(RECORDED_FEATURES)  # every input a calibration may use
+        # carried from the global registration, like the margins
+        assert result.features["fit_sd"] == first.features["fit_sd"]
         assert result.features["motion_mm"] < 5.0
         assert result.stage_ms["refinement"] > 0.0
         assert "search" not in result.stage_ms  # no global search while tracking
@@ -1020,9 +1022,13 @@ def test_final_icp_uses_every_pixel_and_moves_the_published_pose(pipeline, recor
     result = pipeline.process(frame)
     assert 0.0 < result.features["final_move_mm"] <= pipeline.config.final_icp_max_move_mm
     plain = unrefined.process(frame)
-    assert {k: v for k, v in result.features.items() if k != "final_move_mm"} == \
-        pytest.approx({k: v for k, v in plain.features.items() if k != "final_move_mm"},
+    own = ("final_move_mm", "fit_sd")  # of the published pose
+    assert {k: v for k, v in result.features.items() if k not in own} == \
+        pytest.approx({k: v for k, v in plain.features.items() if k not in own},
                       rel=1e-9, abs=1e-12)  # the last bits vary with torch's threads
+    for run, published in ((pipeline, result), (unrefined, plain)):
+        assert published.features["fit_sd"] == pytest.approx(
+            run.fit_sd(frame, published.estimate.cam_from_spine))
     assert pipeline._target_distance(result.estimate.cam_from_spine,
                                      plain.estimate.cam_from_spine) == \
         pytest.approx(result.features["final_move_mm"])

@@ -232,12 +232,56 @@ def target_sd_mm(points: np.ndarray, normals: np.ndarray, targets: np.ndarray,
     if w[0] <= 1e-9 * max(w[-1], 1e-12):
         return float("inf")
     cov = (v / w) @ v.T * noise_mm**2
-    t = np.asarray(targets, dtype=np.float64) - c
-    # displacement of t under (omega, v): omega x t + v = [-[t]x, I] (omega, v)
+    a = _target_jacobians(np.asarray(targets, dtype=np.float64) - c)  # (T, 3, 6)
+    var = np.einsum("tij,jk,tik->t", a, cov, a)
+    return float(np.median(np.sqrt(np.maximum(var, 0.0))))
+
+
+def _target_jacobians(targets: np.ndarray) -> np.ndarray:
+    """(T, 3, 6): the displacement of each target point ``t`` (relative to the rotation
+    centre) under a small motion ``(omega, v)`` is ``omega x t + v = [-[t]x, I] (omega, v)``."""
+    t = np.asarray(targets, dtype=np.float64)
     skew = np.zeros((len(t), 3, 3))
     skew[:, 0, 1], skew[:, 0, 2] = -t[:, 2], t[:, 1]
     skew[:, 1, 0], skew[:, 1, 2] = t[:, 2], -t[:, 0]
     skew[:, 2, 0], skew[:, 2, 1] = -t[:, 1], t[:, 0]
-    a = np.concatenate([-skew, np.broadcast_to(np.eye(3), skew.shape)], axis=2)  # (T, 3, 6)
+    return np.concatenate([-skew, np.broadcast_to(np.eye(3), skew.shape)], axis=2)
+
+
+def fit_sd_mm(points: np.ndarray, normals: np.ndarray, residuals: np.ndarray,
+              targets: np.ndarray, block_mm: float = 10.0, min_points: int = 30) -> float:
+    """How far the fitted surface's own residuals leave the target points uncertain (mm):
+    the median over ``targets`` of ``sqrt(trace(cov))`` of the target's displacement, with
+    ``cov`` the cluster-robust ("sandwich") covariance of a point-to-plane fit of
+    ``points`` (unit ``normals`` of the model at their correspondences, signed
+    ``residuals`` along them; all in one frame, mm) at its optimum:
+    ``H^-1 (sum_b g_b g_b^T) H^-1``, ``H = sum_i J_i^T J_i``, ``g_b = sum_{i in b} J_i r_i``
+    over blocks ``b`` of ``block_mm`` cubes, ``J_i = [(p_i - c) x n_i, n_i]`` about the
+    points' centroid ``c``.
+
+    Unlike :func:`target_sd_mm` (independent 1 mm noise), this takes the size of the
+    residuals from the fit and lets those of neighbouring points pull the same way: a
+    tissue remnant over part of the seen bone, a smooth depth error or a vertebra that
+    moved since the CT tilts a small patch as a whole, and a pose pinned by a small patch
+    at one end of the spine swings the far targets. inf when fewer than ``min_points``
+    points are given or some motion is unconstrained."""
+    p = np.asarray(points, dtype=np.float64)
+    n = np.asarray(normals, dtype=np.float64)
+    r = np.asarray(residuals, dtype=np.float64)
+    if len(p) < max(int(min_points), 6):
+        return float("inf")
+    c = p.mean(axis=0)
+    jac = np.concatenate([np.cross(p - c, n), n], axis=1)  # (N, 6)
+    info = jac.T @ jac
+    w, v = np.linalg.eigh(info)
+    if w[0] <= 1e-9 * max(w[-1], 1e-12):
+        return float("inf")
+    info_inv = (v / w) @ v.T
+    _, block = np.unique(np.floor(p / float(block_mm)).astype(np.int64), axis=0,
+                         return_inverse=True)
+    scores = np.zeros((int(block.max()) + 1, 6))
+    np.add.at(scores, block.reshape(-1), jac * r[:, None])
+    cov = info_inv @ (scores.T @ scores) @ info_inv
+    a = _target_jacobians(np.asarray(targets, dtype=np.float64) - c)
     var = np.einsum("tij,jk,tik->t", a, cov, a)
     return float(np.median(np.sqrt(np.maximum(var, 0.0))))
