@@ -324,10 +324,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "features), log (Round 14: logs of the agreement and the margins, "
                         "the final ICP's move; weights/confidence_calibration_log.json) or "
                         "log_fit (those and fit_sd, how firmly the published pose's own fit "
-                        "pins the target points; Round 15)")
+                        "pins the target points; Round 15, "
+                        "weights/confidence_calibration_log_fit.json)")
     parser.add_argument("--ignore", action="append", default=[], metavar="INPUT",
                         help="input left out of the fit (repeatable; added to the default of "
-                        "--inputs: linear " + ", ".join(DEFAULT_IGNORE["linear"]) + "; log "
+                        "--inputs: linear " + ", ".join(DEFAULT_IGNORE["linear"]) + "; log and log_fit "
                         + ", ".join(DEFAULT_IGNORE["log"]) + "; see DEFAULT_IGNORE)")
     parser.add_argument("--modes", nargs="+", default=["global"], choices=MODES,
                         help="modes fitted (and whose frames are used); others use global's "

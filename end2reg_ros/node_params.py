@@ -196,8 +196,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               _within(1, 16)),
     ParamSpec("calibration_file", "string", "", "",
               "confidence calibration JSON (`end2reg calibrate`); empty = the bundled one; "
-              "the optional log-margin calibration is "
-              "`<package>/weights/confidence_calibration_log.json` (README, *This round*)",
+              "optional ones: `<package>/weights/confidence_calibration_log.json` (log "
+              "margins, Round 14) and `confidence_calibration_log_fit.json` (and `fit_sd`, "
+              "Round 15; README, *This round*)",
               _existing_file_or_empty),
     ParamSpec("bone_colour_file", "string", "", "",
               "bone colour classifier JSON of the global search (`end2reg fit-bone-colour`); "

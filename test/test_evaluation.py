@@ -376,3 +376,22 @@ def test_bundled_log_calibration_loads_and_weighs_the_evidence_the_right_way():
         assert weight[name] > 0.0, name
     assert weight["violate"] < 0.0 and weight["final_move_mm"] < 0.0
     assert ConfidenceModel.load(DEFAULT_CALIBRATION).inputs == FEATURES
+
+
+def test_bundled_log_fit_calibration_loads_and_weighs_the_evidence_the_right_way():
+    """The optional calibration of Round 15: the log margins and ``fit_sd``; no weight
+    against its input's meaning, a loosely pinned fit against a pose; not the default."""
+    from end2reg_ros.calibration import sign_violations
+    from end2reg_ros.pipeline import (
+        DEFAULT_CALIBRATION,
+        LOG_FIT_CALIBRATION,
+        LOG_FIT_FEATURES,
+        ConfidenceModel,
+    )
+
+    model = ConfidenceModel.load(LOG_FIT_CALIBRATION)
+    assert model.inputs == LOG_FIT_FEATURES
+    assert sign_violations(model) == []
+    weight = dict(zip(model.inputs, model.coef["global"][1:]))
+    assert weight["fit_sd"] < 0.0 and weight["ln_margin"] > 0.0
+    assert ConfidenceModel.load(DEFAULT_CALIBRATION).inputs != LOG_FIT_FEATURES
