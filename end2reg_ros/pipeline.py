@@ -593,6 +593,16 @@ class PipelineConfig:
     final_icp_stride: int = 1
     final_icp_max_points: int = 6000
     final_icp_max_move_mm: float = 2.0
+    #: > 0: the dense final ICP uses only the scene points whose pixel the bone-colour
+    #: classifier rates at least this likely bone (tissue remnants, blood and soft tissue
+    #: over or beside the seen bone pull a small seen patch out of place). Off by default
+    #: until measured on the validation and held-out sets: on 42 held-out near misses (2-5 mm,
+    #: right level) the final ICP run again from the published pose with 0.5 gave a median
+    #: of 2.08 mm against 2.80 with every pixel (21 below 2 mm against 8; 5 worse by more
+    #: than 0.1 mm), on 145 other frames 0.59 against 0.64 mm (none above 2 mm). It moves
+    #: only the published pose: the features and the gate's decisions are the polished
+    #: pose's either way.
+    final_icp_bone_min_probability: float = 0.0
     #: ``features["fit_sd"]`` (:meth:`RegistrationPipeline.fit_sd`): the scene is
     #: back-projected every ``fit_sd_stride`` pixels near the model at the published pose;
     #: the points within ``fit_sd_distance_mm`` of the dense model are the fit's, and their
@@ -1398,7 +1408,8 @@ class RegistrationPipeline:
             return pose, None
         t0 = time.perf_counter()
         out = self._icp_from(frame, pose, None, distances,
-                             stride=cfg.final_icp_stride, max_points=cfg.final_icp_max_points)
+                             stride=cfg.final_icp_stride, max_points=cfg.final_icp_max_points,
+                             bone_min_probability=cfg.final_icp_bone_min_probability)
         stages["refinement"] = stages.get("refinement", 0.0) + (time.perf_counter() - t0) * 1e3
         return pose, (None if out is None else out[0])
 
@@ -1682,12 +1693,14 @@ class RegistrationPipeline:
 
     def _icp_from(self, frame: Frame, start: np.ndarray, region: cKDTree | None,
                   distances_mm: tuple[float, ...] | None = None, stride: int | None = None,
-                  max_points: int | None = None):
+                  max_points: int | None = None, bone_min_probability: float = 0.0):
         """Point-to-plane ICP of the scene points near ``region`` (spine frame; None = the
         whole model) under ``start`` onto the dense model, with correspondence distances
         ``distances_mm`` (coarse to fine; default ``track_icp_distances_mm``), the scene
         back-projected every ``stride`` pixels and at most ``max_points`` of its points
-        (a random subset; defaults ``track_stride``, ``track_max_points``):
+        (a random subset; defaults ``track_stride``, ``track_max_points``); with
+        ``bone_min_probability`` > 0 only the points whose colour the bone-colour classifier
+        rates at least that likely bone (all of them when there is no classifier):
         ``(cam_from_spine, source points (optical frame), their distances to the model after
         ICP)``, or None when fewer than 50 scene points are there."""
         from end2reg_ros.model.inference import _point_to_plane_icp
@@ -1697,8 +1710,14 @@ class RegistrationPipeline:
         distances = tuple(distances_mm or cfg.track_icp_distances_mm)
         stride = cfg.track_stride if stride is None else int(stride)
         max_points = cfg.track_max_points if max_points is None else int(max_points)
-        points, _, _ = crop_scene(frame, start, *self._model_bbox(), max(10.0, distances[0]),
-                                  stride)
+        points, colours, _ = crop_scene(frame, start, *self._model_bbox(),
+                                        max(10.0, distances[0]), stride)
+        if bone_min_probability > 0.0 and self.bone_colour is not False and len(points):
+            from end2reg_ros.registration.bone_colour import colour_features
+
+            rgb = np.rint(colours * 255.0).astype(np.uint8)  # the pixels' own rgb8 values
+            bone = self.bone_colour.predict_features(colour_features(rgb))
+            points = points[bone >= bone_min_probability]
         if len(points) < 50:
             return None
         in_spine = transform_points(invert(start), points)
