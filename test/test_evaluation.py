@@ -355,43 +355,22 @@ def test_calibrate_refuses_unknown_inputs_to_ignore(tmp_path):
         calibration.run(args)
 
 
-def test_bundled_log_calibration_loads_and_weighs_the_evidence_the_right_way():
-    """The optional log-margin calibration (Round 14): its inputs are LOG_FEATURES, no
-    weight against its input's meaning, the logs of agreement and margins for a pose, the
-    final ICP's move against it; it is not the default."""
+@pytest.mark.parametrize("name", ["LOG", "LOG_FIT"])
+def test_bundled_optional_calibrations_load_and_weigh_the_evidence_the_right_way(name):
+    """The optional calibrations, log margins (Round 14) and log margins with ``fit_sd``
+    (Round 15): their inputs are LOG_FEATURES / LOG_FIT_FEATURES, no weight against its
+    input's meaning, the logs of agreement and margins for a pose, the final ICP's move (and
+    a loosely pinned fit) against it; neither is the default."""
+    from end2reg_ros import pipeline
     from end2reg_ros.calibration import sign_violations
-    from end2reg_ros.pipeline import (
-        DEFAULT_CALIBRATION,
-        FEATURES,
-        LOG_CALIBRATION,
-        LOG_FEATURES,
-        ConfidenceModel,
-    )
 
-    model = ConfidenceModel.load(LOG_CALIBRATION)
-    assert model.inputs == LOG_FEATURES
+    model = pipeline.ConfidenceModel.load(getattr(pipeline, f"{name}_CALIBRATION"))
+    assert model.inputs == getattr(pipeline, f"{name}_FEATURES")
     assert sign_violations(model) == []
     weight = dict(zip(model.inputs, model.coef["global"][1:]))
-    for name in ("ln_agree", "ln_margin", "ln_level_margin", "ln_reversal_margin"):
-        assert weight[name] > 0.0, name
+    for feature in ("ln_agree", "ln_margin", "ln_level_margin", "ln_reversal_margin"):
+        assert weight[feature] > 0.0, feature
     assert weight["violate"] < 0.0 and weight["final_move_mm"] < 0.0
-    assert ConfidenceModel.load(DEFAULT_CALIBRATION).inputs == FEATURES
-
-
-def test_bundled_log_fit_calibration_loads_and_weighs_the_evidence_the_right_way():
-    """The optional calibration of Round 15: the log margins and ``fit_sd``; no weight
-    against its input's meaning, a loosely pinned fit against a pose; not the default."""
-    from end2reg_ros.calibration import sign_violations
-    from end2reg_ros.pipeline import (
-        DEFAULT_CALIBRATION,
-        LOG_FIT_CALIBRATION,
-        LOG_FIT_FEATURES,
-        ConfidenceModel,
-    )
-
-    model = ConfidenceModel.load(LOG_FIT_CALIBRATION)
-    assert model.inputs == LOG_FIT_FEATURES
-    assert sign_violations(model) == []
-    weight = dict(zip(model.inputs, model.coef["global"][1:]))
-    assert weight["fit_sd"] < 0.0 and weight["ln_margin"] > 0.0
-    assert ConfidenceModel.load(DEFAULT_CALIBRATION).inputs != LOG_FIT_FEATURES
+    assert weight.get("fit_sd", -1.0) < 0.0
+    default = pipeline.ConfidenceModel.load(pipeline.DEFAULT_CALIBRATION)
+    assert default.inputs == pipeline.FEATURES
