@@ -7,8 +7,9 @@ the verification features (:data:`end2reg_ros.pipeline.RECORDED_FEATURES`), the 
 
 Fit, per mode: L2-regularised logistic regression of ``TRE < 2 mm`` (median over the target
 points of the frame) on the standardised inputs of ``--inputs`` (:data:`INPUT_SETS`:
-``linear``, the bundled calibration's features, or ``log``, Round 14's logs of the
-agreement and the margins; Newton's method, numpy only). The calibration file names its
+``linear``, the bundled calibration's features; ``log``, Round 14's logs of the
+agreement and the margins; ``log_fit``, those and Round 15's ``fit_sd``; Newton's method,
+numpy only). The calibration file names its
 inputs. A mode with too few frames of either outcome borrows the global coefficients.
 
 The gate table and the threshold use the fitted model's probabilities on the validation
@@ -104,12 +105,9 @@ INPUT_SETS = {"linear": FEATURES, "log": LOG_FEATURES, "log_fit": LOG_FIT_FEATUR
 #: refused correct tracking whenever the camera accelerated); for ``log`` also ``support``
 #: and ``min_vertebra_agree``, whose weights came out against their meaning (Round 12; the
 #: bundled linear fit leaves them out with ``--ignore``), and ``target_sd``, +0.46 beside
-#: the log margins, against its meaning (Round 14).
-DEFAULT_IGNORE = {
-    "linear": ("motion_mm",),
-    "log": ("motion_mm", "support", "min_vertebra_agree", "target_sd"),
-    "log_fit": ("motion_mm", "support", "min_vertebra_agree", "target_sd"),
-}
+#: the log margins, against its meaning (Round 14); ``log_fit`` as ``log``.
+_LOG_IGNORE = ("motion_mm", "support", "min_vertebra_agree", "target_sd")
+DEFAULT_IGNORE = {"linear": ("motion_mm",), "log": _LOG_IGNORE, "log_fit": _LOG_IGNORE}
 
 
 def _rows(reports: list[dict], method: str, inputs: tuple[str, ...] = FEATURES) -> list[dict]:

@@ -1028,8 +1028,6 @@ class RegistrationPipeline:
         cfg = self.config
         points, _, _ = crop_scene(frame, cam_from_spine, *self._model_bbox(), 10.0,
                                   cfg.fit_sd_stride)
-        if len(points) == 0:
-            return _log_sd(float("inf"))
         in_spine = transform_points(invert(cam_from_spine), points)
         dist, index = self._dense_tree.query(in_spine, k=1,
                                              distance_upper_bound=cfg.fit_sd_distance_mm)

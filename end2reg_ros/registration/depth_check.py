@@ -218,21 +218,37 @@ def target_sd_mm(points: np.ndarray, normals: np.ndarray, targets: np.ndarray,
     the seen surface can pin down, e.g. large when only one vertebra is seen and the targets
     on the others sit at the end of a lever arm, or when the seen surface is flat; inf when
     some motion is unconstrained (fewer than 6 points, degenerate geometry)."""
+    fit = _point_to_plane_information(points, normals)
+    if fit is None:
+        return float("inf")
+    centre, _, info_inv = fit
+    return _median_target_sd(info_inv * noise_mm**2, targets, centre)
+
+
+def _point_to_plane_information(points: np.ndarray, normals: np.ndarray):
+    """``(c, J, H^-1)`` of a point-to-plane fit of ``points`` with unit ``normals``: the
+    points' centroid ``c``, the rows ``J_i = [(p_i - c) x n_i, n_i]`` (N, 6) and the inverse
+    of ``H = sum_i J_i^T J_i``; None when fewer than 6 points are given or some motion is
+    unconstrained."""
     p = np.asarray(points, dtype=np.float64)
     n = np.asarray(normals, dtype=np.float64)
     if len(p) < 6:
-        return float("inf")
+        return None
     c = p.mean(axis=0)
-    jac = np.concatenate([np.cross(p - c, n), n], axis=1)  # (N, 6)
-    info = jac.T @ jac
+    jac = np.concatenate([np.cross(p - c, n), n], axis=1)
     try:
-        w, v = np.linalg.eigh(info)
+        w, v = np.linalg.eigh(jac.T @ jac)
     except np.linalg.LinAlgError:
-        return float("inf")
+        return None
     if w[0] <= 1e-9 * max(w[-1], 1e-12):
-        return float("inf")
-    cov = (v / w) @ v.T * noise_mm**2
-    a = _target_jacobians(np.asarray(targets, dtype=np.float64) - c)  # (T, 3, 6)
+        return None
+    return c, jac, (v / w) @ v.T
+
+
+def _median_target_sd(cov: np.ndarray, targets: np.ndarray, centre: np.ndarray) -> float:
+    """Median over ``targets`` of ``sqrt(trace)`` of the covariance of their displacement
+    under a small motion about ``centre`` with covariance ``cov`` (6, 6)."""
+    a = _target_jacobians(np.asarray(targets, dtype=np.float64) - centre)  # (T, 3, 6)
     var = np.einsum("tij,jk,tik->t", a, cov, a)
     return float(np.median(np.sqrt(np.maximum(var, 0.0))))
 
@@ -266,22 +282,12 @@ def fit_sd_mm(points: np.ndarray, normals: np.ndarray, residuals: np.ndarray,
     at one end of the spine swings the far targets. inf when fewer than ``min_points``
     points are given or some motion is unconstrained."""
     p = np.asarray(points, dtype=np.float64)
-    n = np.asarray(normals, dtype=np.float64)
-    r = np.asarray(residuals, dtype=np.float64)
-    if len(p) < max(int(min_points), 6):
+    fit = _point_to_plane_information(p, normals) if len(p) >= int(min_points) else None
+    if fit is None:
         return float("inf")
-    c = p.mean(axis=0)
-    jac = np.concatenate([np.cross(p - c, n), n], axis=1)  # (N, 6)
-    info = jac.T @ jac
-    w, v = np.linalg.eigh(info)
-    if w[0] <= 1e-9 * max(w[-1], 1e-12):
-        return float("inf")
-    info_inv = (v / w) @ v.T
+    centre, jac, info_inv = fit
     _, block = np.unique(np.floor(p / float(block_mm)).astype(np.int64), axis=0,
                          return_inverse=True)
     scores = np.zeros((int(block.max()) + 1, 6))
-    np.add.at(scores, block.reshape(-1), jac * r[:, None])
-    cov = info_inv @ (scores.T @ scores) @ info_inv
-    a = _target_jacobians(np.asarray(targets, dtype=np.float64) - c)
-    var = np.einsum("tij,jk,tik->t", a, cov, a)
-    return float(np.median(np.sqrt(np.maximum(var, 0.0))))
+    np.add.at(scores, block.reshape(-1), jac * np.asarray(residuals, np.float64)[:, None])
+    return _median_target_sd(info_inv @ (scores.T @ scores) @ info_inv, targets, centre)
