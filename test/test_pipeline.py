@@ -963,7 +963,7 @@ def test_polish_brings_a_registration_off_along_the_surface_back(pipeline, recor
 
 
 def test_final_icp_can_keep_to_the_pixels_that_look_like_bone(pipeline, recording, specimen):
-    """``final_icp_bone_min_probability`` (off by default): the dense final ICP keeps only
+    """``final_icp_bone_min_probability`` (0.5 by default): the dense final ICP keeps only
     the scene points the bone-colour classifier rates bone-like; from a pose 1.8 mm off it
     still comes back within 1 mm, on fewer points; when no pixel looks like bone it does
     not run and the pose stays."""
@@ -971,7 +971,7 @@ def test_final_icp_can_keep_to_the_pixels_that_look_like_bone(pipeline, recordin
     from end2reg_ros.registration.bone_colour import BoneColourModel
     from end2reg_ros.types import RegistrationEstimate
 
-    assert PipelineConfig().final_icp_bone_min_probability == 0.0
+    assert PipelineConfig().final_icp_bone_min_probability == 0.5
     frame = recording[0]
     nudge = make_pose(axis_angle_to_matrix(np.array([0.0, 1.0, 0.0]), math.radians(0.7)),
                       np.array([1.0, 1.0, 0.0]))
@@ -998,10 +998,11 @@ def test_final_icp_can_keep_to_the_pixels_that_look_like_bone(pipeline, recordin
     assert np.array_equal(kept.cam_from_spine, off)
 
 
-def test_final_icp_uses_every_pixel_and_moves_the_published_pose(pipeline, recording, specimen,
+def test_final_icp_uses_the_dense_scene_and_moves_the_published_pose(pipeline, recording, specimen,
                                                                   monkeypatch):
     """The dense final ICP (``final_icp_*``): a pose 1.8 mm / 0.7 deg off the truth comes back
-    within 1 mm; its ICP sees every pixel near the model (stride 1, up to 6000 points) where
+    within 1 mm; its ICP sees every bone-coloured pixel near the model (stride 1, up to 6000
+    points) where
     tracking's sees every second pixel and at most 1500; a result further than
     ``final_icp_max_move_mm`` is not taken; no distances, no final ICP. Through the
     pipeline, the features are those of the polished pose and ``final_move_mm`` says how far
@@ -1032,7 +1033,7 @@ def test_final_icp_uses_every_pixel_and_moves_the_published_pose(pipeline, recor
     moved = estimate()
     move = pipeline._final_icp(frame, moved, {})
     monkeypatch.undo()
-    assert calls[0][0] == {"stride": 1, "max_points": 6000, "bone_min_probability": 0.0}
+    assert calls[0][0] == {"stride": 1, "max_points": 6000, "bone_min_probability": 0.5}
     assert calls[0][1] > pipeline.config.track_max_points
     print(tre(moved.cam_from_spine), move)
     assert tre(moved.cam_from_spine) < 1.0
