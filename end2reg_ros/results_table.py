@@ -81,6 +81,7 @@ def regate(records: list[dict], model, limits: SafetyLimits,
         UNREPRODUCED_REASON,
         PipelineConfig,
         after_stability_check,
+        gated_level_margin,
         gated_reversal_margin,
         unreproduced,
     )
@@ -102,7 +103,7 @@ def regate(records: list[dict], model, limits: SafetyLimits,
             confidence = model.probability(features, mode)
             if confidence < limits.min_confidence:  # the node checks only below the gate
                 confidence = after_stability_check(confidence, features, stability_ratios)
-            level = features.get("level_margin")
+            level = gated_level_margin(features)
             reversal = gated_reversal_margin(features, mode)
             no_reversal += mode == "global" and reversal is None
             valid, reason = gate.check_evidence(

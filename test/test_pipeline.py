@@ -605,10 +605,11 @@ def test_a_strong_level_error_with_the_lordotic_turn_is_refused_by_the_turned_ri
     lordosis between the levels (the held-out 7692 failure), strong enough that no method
     runs from its rivals, the confidence held at 0.99. With ``level_rivals_turned`` the
     turned cranial rival, refined, lands on the right pose and fits the image far better
-    than the published one: the level margin falls far below the gate's (on this clear,
+    than the published one: the turned level margin, which the gate checks beside the
+    plain one (the confidence's input, unchanged), falls far below the gate's (on this clear,
     unoccluded view the plain shift's ICP finds it too, less decisively; on 7692's it did
     not). A right registration keeps a level margin well above the gate's with them."""
-    from end2reg_ros.pipeline import _level_turn
+    from end2reg_ros.pipeline import _level_turn, gated_level_margin
 
     margins = {}
     for turned in (False, True):
@@ -629,8 +630,10 @@ def test_a_strong_level_error_with_the_lordotic_turn_is_refused_by_the_turned_ri
         result = pipe.process(recording[0])
         assert _tre(result, recording[0], specimen) > 20.0  # the wrong level came out
         assert not result.valid and "level ambiguous" in result.reason
-        margins[turned] = result.features["level_margin"]
+        margins[turned] = gated_level_margin(result.features)
+        assert ("turned_level_margin" in result.features) == turned
     assert margins[True] < margins[False] - 0.1
+    assert margins[False] == result.features["level_margin"]  # the confidence's input
 
 
 class _FixedConfidence:
