@@ -192,21 +192,47 @@ def _level_step(specimen: Specimen) -> np.ndarray | None:
 
 def _level_turn(specimen: Specimen) -> np.ndarray | None:
     """The rigid move (4x4, spine frame, mm) that best lays each vertebra onto the one
-    cranial to it: the least-squares fit of every vertebra's target points onto its cranial
-    neighbour's targets of the same name, all adjacent pairs together. Unlike
-    :func:`_level_step` it carries the turn between neighbouring levels (lordosis, about
-    the spine's x axis). ``pose @ _level_turn(...)`` is the pose one vertebra cranial;
-    None for a single-level model or fewer than 3 shared target points per pair."""
+    cranial to it, all adjacent pairs together: the least-squares fit of every vertebra's
+    target points onto its cranial neighbour's of the same name or, for a model without
+    three shared targets per pair (user meshes without ``targets.csv``), of its mesh
+    vertices onto its neighbour's surface (:func:`_align_meshes`, from the shift between
+    their centroids). Unlike :func:`_level_step` it carries the turn between neighbouring
+    levels (lordosis, about the spine's x axis). ``pose @ _level_turn(...)`` is the pose
+    one vertebra cranial; None for a single-level model."""
+    pairs = list(zip(specimen.vertebrae[:-1], specimen.vertebrae[1:]))
+    if not pairs:
+        return None
     moved, onto = [], []
-    for cranial, caudal in zip(specimen.vertebrae[:-1], specimen.vertebrae[1:]):
+    for cranial, caudal in pairs:
         names = sorted(set(cranial.targets) & set(caudal.targets))
         if len(names) < 3:
-            return None
+            return _align_meshes([(np.asarray(b.vertices, float), np.asarray(a.vertices, float))
+                                  for a, b in pairs])
         moved += [np.asarray(caudal.targets[n], float) for n in names]
         onto += [np.asarray(cranial.targets[n], float) for n in names]
-    if not moved:
-        return None
     return weighted_procrustes(np.asarray(moved), np.asarray(onto))
+
+
+def _align_meshes(pairs: list[tuple[np.ndarray, np.ndarray]], iterations: int = 30,
+                  max_vertices: int = 2000) -> np.ndarray:
+    """One rigid move that lays each ``moved`` vertex set onto its ``onto`` set, all pairs
+    together: point-to-point ICP (nearest vertices, the farthest 20 % of pairs left out)
+    from the mean shift between their centroids; at most ``max_vertices`` evenly spaced
+    vertices of each moved set (a CT mesh may have 10^5)."""
+    pairs = [(a[::max(1, -(-len(a) // max_vertices))], b) for a, b in pairs]
+    shift = np.mean([b.mean(0) - a.mean(0) for a, b in pairs], axis=0)
+    pose = make_pose(np.eye(3), shift)
+    trees = [cKDTree(b) for _, b in pairs]
+    for _ in range(iterations):
+        src, dst = [], []
+        for (a, b), tree in zip(pairs, trees):
+            moved = transform_points(pose, a)
+            d, j = tree.query(moved)
+            keep = d <= np.percentile(d, 80.0)
+            src.append(a[keep])
+            dst.append(b[j[keep]])
+        pose = weighted_procrustes(np.concatenate(src), np.concatenate(dst))
+    return pose
 
 
 def _model_centre(specimen: Specimen) -> np.ndarray:

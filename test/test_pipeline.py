@@ -597,6 +597,13 @@ def test_the_turned_level_step_lays_each_vertebra_onto_its_cranial_neighbour(spe
     assert turned < 0.5 * plain
     single = dataclasses.replace(specimen, vertebrae=specimen.vertebrae[:1])
     assert _level_turn(single) is None
+    # meshes without target points (user meshes without targets.csv): fitted on the
+    # vertices, nearly the same move
+    bare = dataclasses.replace(specimen, vertebrae=[dataclasses.replace(v, targets={})
+                                                    for v in specimen.vertebrae])
+    difference = invert(turn) @ _level_turn(bare)
+    assert rotation_angle_deg(difference[:3, :3]) < 1.0
+    assert np.linalg.norm(difference[:3, 3]) < 1.5
 
 
 def test_a_strong_level_error_with_the_lordotic_turn_is_refused_by_the_turned_rivals(
