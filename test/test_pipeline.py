@@ -618,6 +618,7 @@ def test_a_strong_level_error_with_the_lordotic_turn_is_refused_by_the_turned_ri
     not). A right registration keeps a level margin well above the gate's with them."""
     from end2reg_ros.pipeline import _level_turn, gated_level_margin
 
+    assert PipelineConfig().level_rivals_turned  # on by default
     margins = {}
     for turned in (False, True):
         base = dict(tracking=False, rivals_below_score=None, level_rivals_turned=turned)
