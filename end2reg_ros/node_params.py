@@ -224,9 +224,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               _unit_interval, dynamic=True),
     ParamSpec("min_level_margin", "double", 0.02, "",
               "gate: smallest accepted level margin (verification score of the pose minus "
-              "that of the pose moved by one vertebra and refined): below it a neighbouring "
-              "level fits almost as well (0.02: refuses 8 of 31 wrong-level and 2 of 427 "
-              "correct validation registrations, README)",
+              "that of the pose moved by one vertebra, plainly and turned by the lordosis, "
+              "and refined): below it a neighbouring level fits almost as well (0.02; "
+              "README, Round 16)",
               _finite, dynamic=True),
     ParamSpec("min_reversal_margin", "double", 0.02, "",
               "gate: smallest accepted reversal margin of a global registration (verification "
