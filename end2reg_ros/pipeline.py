@@ -1419,7 +1419,7 @@ class RegistrationPipeline:
         after the whole-model ICP from it. Returns those verification scores (none when
         both runs came back to ``pose``)."""
         moves = [move for kind, move in self._rival_starts(False).items()
-                 if kind in ("cranial", "caudal")]
+                 if kind in _LEVEL_RIVALS]
 
         def run(move: np.ndarray, own_stages: dict[str, float]) -> list[float]:
             result = self._run_method(frame, pose @ move, own_stages)
@@ -1555,8 +1555,9 @@ class RegistrationPipeline:
             starts = {"cranial": make_pose(np.eye(3), -self._level_step),
                       "caudal": make_pose(np.eye(3), self._level_step)}
         if self._level_turn is not None:
-            starts["cranial_turned"] = self._level_turn
-            starts["caudal_turned"] = invert(self._level_turn)
+            cranial, caudal = _TURNED_RIVALS
+            starts[cranial] = self._level_turn
+            starts[caudal] = invert(self._level_turn)
         if weak or self.config.reversal_check:
             starts["reversed"] = self._turn_about_centre(math.pi)
         return starts
