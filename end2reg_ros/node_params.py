@@ -198,7 +198,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "confidence calibration JSON (`end2reg calibrate`); empty = the bundled one; "
               "optional ones: `<package>/weights/confidence_calibration_log.json` (log "
               "margins, Round 14) and `confidence_calibration_log_fit.json` (and `fit_sd`, "
-              "Round 15; README, *This round*)",
+              "Round 15; docs/history.md)",
               _existing_file_or_empty),
     ParamSpec("bone_colour_file", "string", "", "",
               "bone colour classifier JSON of the global search (`end2reg fit-bone-colour`); "

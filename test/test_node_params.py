@@ -36,6 +36,18 @@ def test_defaults_match_the_brief():
     assert d["child_frame"] == "spine"
 
 
+def test_the_default_gate_is_the_one_the_bundled_calibration_records():
+    """The node's ``min_confidence``, the library's :class:`SafetyLimits` (offline evaluation)
+    and the bundled calibration's record of the rule that chose the gate name one value."""
+    from end2reg_ros.pipeline import DEFAULT_CALIBRATION, ConfidenceModel
+    from end2reg_ros.safety import SafetyLimits
+
+    recorded = ConfidenceModel.load(DEFAULT_CALIBRATION).extra["node_min_confidence"]
+    assert np_.defaults()["min_confidence"] == SafetyLimits().min_confidence == recorded
+    for name in ("min_level_margin", "min_reversal_margin"):
+        assert np_.defaults()[name] == getattr(SafetyLimits(), name)
+
+
 @pytest.mark.parametrize(
     ("name", "value", "words"),
     [
