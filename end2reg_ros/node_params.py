@@ -217,10 +217,11 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("warn_throttle", "double", 5.0, "s",
               "shortest interval between two warnings of the same kind", _positive),
     # --- safety gate (dynamic)
-    ParamSpec("min_confidence", "double", 0.985, "",
+    ParamSpec("min_confidence", "double", 0.98, "",
               "gate: smallest accepted confidence, a calibrated probability that the frame's "
-              "TRE is below 2 mm (0.985: chosen on 2250 validation registrations, out of fold, "
-              "one step above the smallest threshold that accepted none above 5 mm, README)",
+              "TRE is below 2 mm (0.98: the Round 12 rule on validation, out of fold, with the "
+              "level, turned level and reversal checks; adopted with max_final_move_mm, "
+              "README, Round 17)",
               _unit_interval, dynamic=True),
     ParamSpec("min_level_margin", "double", 0.02, "",
               "gate: smallest accepted level margin (verification score of the pose minus "
@@ -235,6 +236,12 @@ PARAMETERS: tuple[ParamSpec, ...] = (
               "well (a reversed spine 67.5 mm off had -0.029, right registrations 0.11-0.36; "
               "README)",
               _finite, dynamic=True),
+    ParamSpec("max_final_move_mm", "double", 2.0, "mm",
+              "gate: largest accepted move (at the target points) that the dense final ICP "
+              "of a global registration wanted to make; above it the scene's own dense fit "
+              "disagrees with the pose (2.0: near misses 2-3.5 mm off, README, Round 17); 0 "
+              "switches the check off",
+              _non_negative, dynamic=True),
     ParamSpec("max_residual_mm", "double", 5.0, "mm",
               "gate: largest accepted RMS residual of the used scene points", _positive,
               dynamic=True),

@@ -379,6 +379,14 @@ def gated_reversal_margin(features: dict[str, float], mode: str) -> float | None
     return None if value is None else float(value)
 
 
+def gated_final_move(features: dict[str, float], mode: str) -> float | None:
+    """The final ICP's wanted move (mm) the gate checks (``SafetyLimits.max_final_move_mm``):
+    a global registration's ``final_move_mm`` (None when not recorded); None for a tracked
+    frame (no final ICP; its track started from a global registration that passed it)."""
+    value = features.get("final_move_mm") if mode == "global" else None
+    return None if value is None else float(value)
+
+
 def _voxel_means(points: np.ndarray, voxel_mm: float) -> np.ndarray:
     """Mean of the points (K, 3) in each occupied ``voxel_mm`` cube (the network's scene
     downsampling, without normals)."""
@@ -1009,7 +1017,7 @@ class RegistrationPipeline:
         valid, reason = self.gate.check(
             estimate.cam_from_spine, confidence, float(estimate.residual_mm),
             int(estimate.num_points), frame.stamp_ns, now, level_margin,
-            gated_reversal_margin(features, mode),
+            gated_reversal_margin(features, mode), gated_final_move(features, mode),
         )
         if valid and unreproduced(features, mode):
             checked = ", nor its runs from starts around it" if "reproduced" in features else ""
@@ -1024,7 +1032,8 @@ class RegistrationPipeline:
         and age): the pose verified, whether or not it could be published."""
         ok, _ = self.gate.check_content(
             estimate.cam_from_spine, confidence, float(estimate.residual_mm),
-            int(estimate.num_points), level_margin, gated_reversal_margin(features, mode))
+            int(estimate.num_points), level_margin, gated_reversal_margin(features, mode),
+            gated_final_move(features, mode))
         return ok and not unreproduced(features, mode)
 
     def _remember(self, frame: Frame, estimate: RegistrationEstimate, mode: str,

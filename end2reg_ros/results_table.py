@@ -81,6 +81,7 @@ def regate(records: list[dict], model, limits: SafetyLimits,
         UNREPRODUCED_REASON,
         PipelineConfig,
         after_stability_check,
+        gated_final_move,
         gated_level_margin,
         gated_reversal_margin,
         unreproduced,
@@ -108,7 +109,8 @@ def regate(records: list[dict], model, limits: SafetyLimits,
             no_reversal += mode == "global" and reversal is None
             valid, reason = gate.check_evidence(
                 confidence, float(features.get("residual_mm", np.inf)),
-                None if level is None else float(level), reversal)
+                None if level is None else float(level), reversal,
+                gated_final_move(features, mode))
             if valid and unreproduced(features, mode):
                 valid, reason = False, f"{UNREPRODUCED_REASON} (re-judged)"
             rec.update(accepted=valid, confidence=confidence, reason=reason)
@@ -161,6 +163,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-reversal-margin", type=float,
                         default=defaults.min_reversal_margin,
                         help="with --calibration (default: the node's, %(default)s)")
+    parser.add_argument("--max-final-move-mm", type=float, default=defaults.max_final_move_mm,
+                        help="with --calibration: the largest final ICP move of a global "
+                        "registration (mm; 0: no check; default: the node's, %(default)s)")
     parser.add_argument("--stability-ratios", type=float, nargs=2, default=None,
                         metavar=("STABLE", "UNSTABLE"),
                         help="with --calibration: the stability check's likelihood ratios "
@@ -186,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
         model = ConfidenceModel.load(args.calibration)
         limits = replace(SafetyLimits(), min_confidence=args.min_confidence,
                          min_level_margin=args.min_level_margin,
-                         min_reversal_margin=args.min_reversal_margin)
+                         min_reversal_margin=args.min_reversal_margin,
+                         max_final_move_mm=args.max_final_move_mm)
     ratios = _NODE_RATIOS if args.stability_ratios is None else tuple(args.stability_ratios)
     skipped = 0
     for path in args.reports:

@@ -19,7 +19,8 @@ import numpy as np
 OK = "ok"
 
 #: how the reasons of :meth:`SafetyGate.check_evidence`'s refusals begin
-EVIDENCE_REASONS = ("confidence ", "residual ", "level ambiguous", "reversal ambiguous")
+EVIDENCE_REASONS = ("confidence ", "residual ", "level ambiguous", "reversal ambiguous",
+                    "final ICP disagrees")
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,15 @@ class SafetyLimits:
     wrong-level ambiguity a confidence fitted on few such frames can miss;
     ``min_reversal_margin``: smallest accepted reversal margin (verification score of the pose
     minus that of the pose turned 180 deg about the spine's posterior axis and refined):
-    below it the spine the other way round explains the image as well or better.
+    below it the spine the other way round explains the image as well or better;
+    ``max_final_move_mm``: largest accepted move (mm, at the target points) that the dense
+    final ICP of a global registration wanted to make (``features["final_move_mm"]``; the
+    pipeline does not take a move above its own ``final_icp_max_move_mm``, 2 mm, and
+    keeps the unrefined pose): above it the scene's own dense fit disagrees with the pose;
+    0 switches the check off.
     """
 
-    min_confidence: float = 0.985
+    min_confidence: float = 0.98
     max_residual_mm: float = 5.0
     min_points: int = 200
     max_age_s: float = 2.0
@@ -53,6 +59,7 @@ class SafetyLimits:
     orthonormal_tolerance: float = 1e-3
     min_level_margin: float = 0.02
     min_reversal_margin: float = 0.02
+    max_final_move_mm: float = 2.0
 
 
 def check_pose(pose: np.ndarray, limits: SafetyLimits) -> tuple[bool, str]:
@@ -136,17 +143,19 @@ class SafetyGate:
         now_ns: int | None,
         level_margin: float | None = None,
         reversal_margin: float | None = None,
+        final_move_mm: float | None = None,
     ) -> tuple[bool, str]:
         """Full gate for one registered frame; records the stamp as processed.
 
         ``now_ns`` None skips the age check (ROS time not available yet: ``use_sim_time``
         before the first /clock message). ``level_margin`` None (a method without that
         verification) skips the level check; ``reversal_margin`` None (not computed: a
-        tracked frame, or the check off) the reversal check.
+        tracked frame, or the check off) the reversal check; ``final_move_mm`` None (a
+        tracked frame) the final ICP check.
 
         Order of checks: stamp (ordering, age), pose (finite, orthonormal, range), number of
-        points, confidence, residual, level margin, reversal margin. The first failure is
-        the reason.
+        points, confidence, residual, level margin, reversal margin, final ICP move. The
+        first failure is the reason.
         """
         valid, reason = self.check_stamp(stamp_ns, now_ns)
         if stamp_ns > 0:
@@ -154,30 +163,33 @@ class SafetyGate:
         if not valid:
             return False, reason
         return self.check_content(cam_from_spine, confidence, residual_mm, num_points,
-                                  level_margin, reversal_margin)
+                                  level_margin, reversal_margin, final_move_mm)
 
     def check_content(
         self, cam_from_spine: np.ndarray, confidence: float, residual_mm: float, num_points: int,
         level_margin: float | None = None, reversal_margin: float | None = None,
+        final_move_mm: float | None = None,
     ) -> tuple[bool, str]:
         """The checks of :meth:`check` that concern the registration itself (pose, points,
-        confidence, residual, level and reversal margins), not the frame's stamp or age;
-        records nothing."""
+        confidence, residual, level and reversal margins, final ICP move), not the frame's
+        stamp or age; records nothing."""
         valid, reason = check_pose(cam_from_spine, self.limits)
         if not valid:
             return False, reason
         lim = self.limits
         if not num_points >= lim.min_points:
             return False, f"only {num_points} scene points used < min_points {lim.min_points}"
-        return self.check_evidence(confidence, residual_mm, level_margin, reversal_margin)
+        return self.check_evidence(confidence, residual_mm, level_margin, reversal_margin,
+                                   final_move_mm)
 
     def check_evidence(
         self, confidence: float, residual_mm: float, level_margin: float | None = None,
-        reversal_margin: float | None = None,
+        reversal_margin: float | None = None, final_move_mm: float | None = None,
     ) -> tuple[bool, str]:
         """The checks of :meth:`check_content` that weigh the registration's evidence, after
         the pose and the number of points: confidence, residual, level margin, reversal
-        margin (their reasons begin as :data:`EVIDENCE_REASONS`); records nothing."""
+        margin, final ICP move (their reasons begin as :data:`EVIDENCE_REASONS`); records
+        nothing."""
         lim = self.limits
         if not (math.isfinite(confidence) and confidence >= lim.min_confidence):
             return False, f"confidence {confidence:.3f} < min_confidence {lim.min_confidence:.3f}"
@@ -197,5 +209,11 @@ class SafetyGate:
                 f"reversal ambiguous: the spine turned 180 deg fits almost as well or better "
                 f"(reversal margin {reversal_margin:.3f} < min_reversal_margin "
                 f"{lim.min_reversal_margin:.3f})"
+            )
+        if final_move_mm is not None and lim.max_final_move_mm > 0.0 and not (
+                math.isfinite(final_move_mm) and final_move_mm <= lim.max_final_move_mm):
+            return False, (
+                f"final ICP disagrees: the dense fit of the scene would move the pose "
+                f"{final_move_mm:.2f} mm > max_final_move_mm {lim.max_final_move_mm:.2f} mm"
             )
         return True, OK

@@ -44,7 +44,7 @@ def test_the_default_gate_is_the_one_the_bundled_calibration_records():
 
     recorded = ConfidenceModel.load(DEFAULT_CALIBRATION).extra["node_min_confidence"]
     assert np_.defaults()["min_confidence"] == SafetyLimits().min_confidence == recorded
-    for name in ("min_level_margin", "min_reversal_margin"):
+    for name in ("min_level_margin", "min_reversal_margin", "max_final_move_mm"):
         assert np_.defaults()[name] == getattr(SafetyLimits(), name)
 
 

@@ -655,9 +655,9 @@ class _FixedConfidence:
 
 
 @pytest.mark.parametrize("ratios, base, drift_mm, checked, published", [
-    ((3.95, 0.45), 0.95, 0.0, True, True),  # stable: 0.95 -> 0.987 >= 0.985, published
+    ((3.95, 0.45), 0.95, 0.0, True, True),  # stable: 0.95 -> 0.987 >= the gate (0.98), published
     ((3.95, 0.45), 0.95, 12.0, True, False),  # the runs land 12 mm away: 0.95 -> 0.895
-    ((3.95, 0.45), 0.5, 0.0, False, False),  # a stable outcome could not lift 0.5 to 0.985
+    ((3.95, 0.45), 0.5, 0.0, False, False),  # a stable outcome could not lift 0.5 to the gate
     ((3.95, 0.45), 0.99, 0.0, False, True),  # the gate publishes it without the check
     (None, 0.9, 0.0, False, False),  # the default: no check, refused at 0.9
 ])

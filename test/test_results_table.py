@@ -102,12 +102,15 @@ def test_frames_are_judged_again_on_their_features_with_another_gate():
         _judged("ok", True, weak_first_pass=1.0, support=0.0),  # unreproduced
         _judged("ok", True, turned_level_margin=0.01),  # the turned level rivals' margin
         _judged("ok", True, turned_level_margin=0.05),
+        _judged("ok", True, final_move_mm=3.48),  # the final ICP disagreed
+        _judged("final ICP disagrees: ...", False, final_move_mm=1.5),
         _judged("ok", True, reversal_margin=None),
     ]
     records[-1]["features"].pop("reversal_margin")
     out, missing = results_table.regate(records, _Fixed(0.99), SafetyLimits(min_confidence=0.98))
     assert [r["accepted"] for r in out] == [True, True, False, False, False, False, False, True,
-                                            True]
+                                            False, True, True]
+    assert "final ICP disagrees" in out[8]["reason"]
     assert "reversal ambiguous" in out[3]["reason"] and "level ambiguous" in out[4]["reason"]
     assert "level margin 0.010" in out[6]["reason"]
     assert "min_points" in out[2]["reason"] and out[1]["confidence"] == 0.99

@@ -42,6 +42,8 @@ def test_good_registration_passes_with_reason_ok():
         (dict(level_margin=float("nan")), "min_level_margin"),
         (dict(reversal_margin=0.019), "reversal ambiguous"),
         (dict(reversal_margin=float("nan")), "min_reversal_margin"),
+        (dict(final_move_mm=2.01), "final ICP disagrees"),
+        (dict(final_move_mm=float("nan")), "max_final_move_mm"),
     ],
 )
 def test_each_threshold_rejects_with_a_reason_naming_it(overrides, words):
@@ -78,6 +80,23 @@ def test_reversal_margin_floor_is_inclusive_skipped_when_unknown_and_after_the_l
     assert not valid and "level ambiguous" in reason
     assert SafetyGate(SafetyLimits(min_reversal_margin=-1.0)).check(
         **good_kwargs(reversal_margin=-0.5)) == (True, OK)
+
+
+def test_final_move_limit_is_inclusive_skipped_when_unknown_or_off_and_after_the_margins():
+    """A global registration whose dense final ICP wanted to move it more than
+    ``max_final_move_mm`` (the pipeline then keeps the unrefined pose) is refused; a tracked
+    frame (None) is not checked, and 0 switches the check off."""
+    gate = SafetyGate(SafetyLimits(max_final_move_mm=2.0))
+    assert gate.check(**good_kwargs(final_move_mm=2.0)) == (True, OK)
+    assert gate.check(**good_kwargs(final_move_mm=None)) == (True, OK)
+    valid, reason = gate.check_content(GOOD_POSE, 0.99, 1.2, 5000, final_move_mm=3.48)
+    assert not valid and "3.48 mm > max_final_move_mm 2.00 mm" in reason
+    # a reversal ambiguity is named first
+    valid, reason = gate.check_content(GOOD_POSE, 0.99, 1.2, 5000, reversal_margin=-0.03,
+                                       final_move_mm=3.48)
+    assert not valid and "reversal ambiguous" in reason
+    assert SafetyGate(SafetyLimits(max_final_move_mm=0.0)).check(
+        **good_kwargs(final_move_mm=50.0)) == (True, OK)
 
 
 def test_unknown_now_skips_only_the_age_check():

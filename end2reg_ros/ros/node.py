@@ -376,6 +376,7 @@ class End2RegNode(Node):
             max_lateral_mm=float(p["max_lateral_mm"]),
             min_level_margin=float(p["min_level_margin"]),
             min_reversal_margin=float(p["min_reversal_margin"]),
+            max_final_move_mm=float(p["max_final_move_mm"]),
         )
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
