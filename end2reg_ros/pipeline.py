@@ -669,7 +669,9 @@ class PipelineConfig:
     #: 0.92 mm (all 600 frames: see the README). Kept only when it verified better (the
     #: verification agrees within 2.5 mm, coarser than the change), it lost most of the gain.
     #: It moved poses by 0.29 mm at the median, 1.08 mm at the 99th percentile, 1.76 at most;
-    #: a result further than ``final_icp_max_move_mm`` from the polished pose is not taken.
+    #: a result further than ``final_icp_max_move_mm`` from the polished pose is not taken,
+    #: and the gate refuses the registration when that move (``features["final_move_mm"]``)
+    #: is above ``SafetyLimits.max_final_move_mm`` (2 mm; Round 17).
     #: The confidence, the features and the gate's checks stay those of the polished pose
     #: (the calibration was fitted on them): with the features of the final pose, the
     #: frames' confidence moved both ways and 546 published 83.3 % instead of 84.7 %, and a
