@@ -19,10 +19,11 @@ without its specimen): log-loss, Brier score and the out-of-fold gate table are 
 stored, and drawn beside the in-sample curve in the reliability diagram. They differ a lot
 on the bundled calibration: see the README.
 
-Frames whose level margin is below ``--min-level-margin`` (the gate's floor, default the
-node's), or whose reversal margin (when the report has it) is below
-``--min-reversal-margin``, count as refused in the gate tables whatever their confidence; the
-fit uses them.
+Frames that the gate's other checks refuse count as refused in the gate tables whatever
+their confidence (:func:`refused_by_other_checks`, the node's :class:`SafetyGate`): level or
+turned level margin below ``--min-level-margin``, reversal margin of a global registration
+below ``--min-reversal-margin``, final ICP move above ``--max-final-move-mm`` (each when the
+report has it; defaults the node's); the fit uses them.
 
 Gate: the smallest ``min_confidence`` at which the accepted frames of the validation reports
 contain at most ``--max-false-accept`` (share) with TRE > 2 mm and none with TRE > 5 mm,
@@ -61,8 +62,11 @@ from end2reg_ros.pipeline import (
     ConfidenceModel,
     confidence_inputs,
     feature_source,
+    gated_final_move,
+    gated_level_margin,
+    gated_reversal_margin,
 )
-from end2reg_ros.safety import SafetyLimits
+from end2reg_ros.safety import SafetyGate, SafetyLimits
 
 SUCCESS_MM = 2.0
 GROSS_MM = 5.0
@@ -221,6 +225,21 @@ def out_of_fold(rows: list[dict], l2: float, folds: int, ignore: tuple[str, ...]
     return probs
 
 
+def refused_by_other_checks(rows: list[dict], limits: SafetyLimits) -> list[str | None]:
+    """Per record: the reason the gate's checks other than the confidence and the residual
+    refuse it (level and turned level margins, reversal margin, final ICP move, judged by
+    :class:`SafetyGate` as the node judges them), or None when they pass."""
+    gate = SafetyGate(limits)
+    out = []
+    for r in rows:
+        features, mode = r["features"], r.get("mode", "global")
+        valid, reason = gate.check_evidence(
+            1.0, 0.0, gated_level_margin(features), gated_reversal_margin(features, mode),
+            gated_final_move(features, mode))
+        out.append(None if valid else reason)
+    return out
+
+
 def log_loss(p: np.ndarray, y: np.ndarray) -> float:
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
@@ -347,6 +366,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=SafetyLimits().min_reversal_margin,
                         help="the gate's reversal-margin floor, likewise, for frames whose "
                         "report has the reversal margin (default: the node's, %(default)s)")
+    parser.add_argument("--max-final-move-mm", type=float,
+                        default=SafetyLimits().max_final_move_mm,
+                        help="the gate's largest final ICP move (mm; 0: no check), likewise, "
+                        "for frames whose report has it (default: the node's, %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -376,11 +399,15 @@ def run(args: argparse.Namespace) -> int:
                 ignore=ignore, modes=modes, inputs=inputs)
     probs = np.array([model.probability(r["features"], r.get("mode", "global")) for r in rows])
     oof = out_of_fold(rows, l2, args.folds, ignore, modes, inputs)
-    refused = np.array([not (r["features"].get("level_margin", np.inf)
-                             >= args.min_level_margin) for r in rows])
-    reversal = np.array([not (r["features"].get("reversal_margin", np.inf)
-                              >= args.min_reversal_margin) for r in rows])
-    refused |= reversal
+    reasons = refused_by_other_checks(rows, SafetyLimits(
+        min_confidence=0.0, min_level_margin=args.min_level_margin,
+        min_reversal_margin=args.min_reversal_margin,
+        max_final_move_mm=args.max_final_move_mm))
+    refused = np.array([reason is not None for reason in reasons])
+    reversal = np.array([reason is not None and reason.startswith("reversal ambiguous")
+                         for reason in reasons])
+    final_move = np.array([reason is not None and reason.startswith("final ICP disagrees")
+                           for reason in reasons])
     oof_table = gate_table(oof, tre, refused)
     brier = float(np.mean((probs - success) ** 2))
     table = gate_table(probs, tre, refused)
@@ -396,9 +423,11 @@ def run(args: argparse.Namespace) -> int:
         "max_false_accept": args.max_false_accept,
         "margin_steps": args.margin_steps,
         "min_level_margin": args.min_level_margin,
-        "refused_by_level_margin": int((refused & ~reversal).sum()),
+        "refused_by_level_margin": int((refused & ~reversal & ~final_move).sum()),
         "min_reversal_margin": args.min_reversal_margin,
         "refused_by_reversal_margin": int(reversal.sum()),
+        "max_final_move_mm": args.max_final_move_mm,
+        "refused_by_final_move": int(final_move.sum()),
         "l2": l2,
         "ignored_features": list(ignore),
         "inputs": args.inputs,
@@ -416,10 +445,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(rows)} validation frames ({model.extra['modes']}), {success.mean():.1%} below "
           f"2 mm; L2 {l2:g}; in-sample Brier score {brier:.4f}, out of fold "
           f"{model.extra['out_of_fold_brier']:.4f}")
-    print(f"level margin below {args.min_level_margin:g} or reversal margin below "
-          f"{args.min_reversal_margin:g}: {int(refused.sum())} frames refused whatever their "
+    print(f"level or turned level margin below {args.min_level_margin:g}, reversal margin "
+          f"below {args.min_reversal_margin:g} or final ICP move above "
+          f"{args.max_final_move_mm:g} mm: {int(refused.sum())} frames refused whatever their "
           f"confidence ({int((refused & (tre < SUCCESS_MM)).sum())} of them below 2 mm; "
-          f"{int(reversal.sum())} for the reversal margin)")
+          f"{int(reversal.sum())} for the reversal margin, {int(final_move.sum())} for the "
+          "final ICP move)")
     print("min_confidence | accepted | accepted >2mm | accepted >5mm | out of fold: accepted |"
           " >2mm | >5mm")
     for row, o in zip(table, oof_table):

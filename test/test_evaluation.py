@@ -374,3 +374,26 @@ def test_bundled_optional_calibrations_load_and_weigh_the_evidence_the_right_way
     assert weight.get("fit_sd", -1.0) < 0.0
     default = pipeline.ConfidenceModel.load(pipeline.DEFAULT_CALIBRATION)
     assert default.inputs == pipeline.FEATURES
+
+
+def test_the_calibration_gate_tables_refuse_what_the_node_gate_refuses():
+    """`end2reg calibrate` counts a frame as refused whatever its confidence by the node's own
+    gate checks: the turned level margin and the final ICP's move too, the reversal margin
+    only for a global registration, and nothing a record does not have."""
+    from end2reg_ros.calibration import refused_by_other_checks
+    from end2reg_ros.safety import SafetyLimits
+
+    def row(mode="global", **features):
+        return {"mode": mode, "features": {"level_margin": 0.1, **features}}
+
+    rows = [row(), row(turned_level_margin=0.01), row(level_margin=0.0),
+            row(reversal_margin=-0.03), row("tracking", reversal_margin=-0.03),
+            row(final_move_mm=3.48), row("tracking", final_move_mm=3.48),
+            row(final_move_mm=2.0), {"mode": "global", "features": {}}]
+    reasons = refused_by_other_checks(rows, SafetyLimits())
+    assert [r is None for r in reasons] == [True, False, False, False, True, False, True,
+                                            True, True]
+    assert "level margin 0.010" in reasons[1] and "reversal ambiguous" in reasons[3]
+    assert reasons[5].startswith("final ICP disagrees")
+    off = refused_by_other_checks(rows, SafetyLimits(max_final_move_mm=0.0))
+    assert off[5] is None
